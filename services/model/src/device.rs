@@ -1,0 +1,87 @@
+//! Choosing where tensors live and in which precision: CUDA when present unless told otherwise,
+//! and the weight dtypes the generator can serve in.
+
+use crate::error::{ModelError, Result};
+use tch::{Device, Kind};
+
+/// Parses `auto` (CUDA:0 when available, else CPU), `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let spec = spec.trim().to_ascii_lowercase();
+    match spec.as_str() {
+        "auto" | "" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" | "gpu" => require_cuda(0),
+        other => match other.strip_prefix("cuda:") {
+            Some(index) => {
+                let index: usize = index
+                    .parse()
+                    .map_err(|_| ModelError::Invalid(format!("bad device {spec:?}: expected cuda:N")))?;
+                require_cuda(index)
+            }
+            None => Err(ModelError::Invalid(format!(
+                "bad device {spec:?}: expected auto, cpu, cuda or cuda:N"
+            ))),
+        },
+    }
+}
+
+fn require_cuda(index: usize) -> Result<Device> {
+    let count = tch::Cuda::device_count() as usize;
+    if index < count {
+        Ok(Device::Cuda(index))
+    } else {
+        Err(ModelError::Invalid(format!(
+            "device cuda:{index} requested but {count} CUDA device(s) are available"
+        )))
+    }
+}
+
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_ascii_lowercase(),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl WeightDtype {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "float32" | "fp32" => Ok(WeightDtype::F32),
+            "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
+            "f16" | "float16" | "fp16" | "half" => Ok(WeightDtype::F16),
+            other => Err(ModelError::Invalid(format!(
+                "bad dtype {other:?}: expected f32, bf16 or f16"
+            ))),
+        }
+    }
+
+    pub fn kind(self) -> Kind {
+        match self {
+            WeightDtype::F32 => Kind::Float,
+            WeightDtype::Bf16 => Kind::BFloat16,
+            WeightDtype::F16 => Kind::Half,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::Bf16 => "bf16",
+            WeightDtype::F16 => "f16",
+        }
+    }
+}
+
+impl std::fmt::Display for WeightDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}

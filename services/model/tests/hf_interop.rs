@@ -1,0 +1,86 @@
+//! Weights move both ways between this crate and Hugging Face `transformers`.
+
+mod support;
+
+use support::*;
+use synopsis_model::{Gpt2, Gpt2Config, WeightDtype};
+use tch::{Device, Kind, Tensor};
+
+#[test]
+fn hf_random_gpt2_matches_reference_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    hf_interop(&["make-reference", out, shared_data("gpt2_tokenizer").to_str().unwrap()]);
+
+    let config = Gpt2Config::from_file(&dir.path().join("config.json")).unwrap();
+    let model = Gpt2::load(&config, &dir.path().join("model.safetensors"), Device::Cpu, WeightDtype::F32).unwrap();
+    let reference = dir.path().join("reference.safetensors");
+    for i in 0..2 {
+        let ids = read_tensor(&reference, &format!("ids_{i}")).to_kind(Kind::Int64);
+        let expected = read_tensor(&reference, &format!("logits_{i}"));
+        let logits = tch::no_grad(|| model.forward(&ids.unsqueeze(0), false)).squeeze_dim(0);
+        let diff = max_abs_diff(&logits, &expected);
+        assert!(diff <= 1e-4, "prompt {i}: max abs diff {diff} > 1e-4");
+    }
+}
+
+#[test]
+fn shared_fake_gpt2_fixture_loads_and_runs() {
+    let dir = shared_data("gpt2_fixtures/fake_gpt2");
+    let config = Gpt2Config::from_file(&dir.join("config.json")).unwrap();
+    let model = Gpt2::load(&config, &dir.join("model.safetensors"), Device::Cpu, WeightDtype::F32).unwrap();
+    let ids = Tensor::from_slice(&[15496i64, 995]).unsqueeze(0);
+    let logits = tch::no_grad(|| model.forward(&ids, false));
+    assert_eq!(logits.size(), vec![1, 2, 50257]);
+    assert!(bool::try_from(logits.isfinite().all()).unwrap());
+}
+
+#[test]
+fn unprefixed_tensor_names_load() {
+    // tiny_gpt2 was saved as a bare GPT2Model: `wte.weight`, `h.0.*`, no `transformer.` prefix.
+    let dir = shared_data("gpt2_fixtures/tiny_gpt2");
+    let config = Gpt2Config::from_file(&dir.join("config.json")).unwrap();
+    let model = Gpt2::load(&config, &dir.join("model.safetensors"), Device::Cpu, WeightDtype::F32).unwrap();
+    let logits = tch::no_grad(|| model.forward(&Tensor::from_slice(&[1i64, 2, 3]).unsqueeze(0), false));
+    assert_eq!(logits.size(), vec![1, 3, 21]);
+}
+
+#[test]
+fn rust_saved_model_loads_in_transformers_with_same_logits_and_greedy_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Gpt2Config::preset("tiny").unwrap();
+    config.n_layer = 2;
+    config.n_embd = 64;
+    config.n_head = 4;
+    tch::manual_seed(7);
+    let model = Gpt2::new(&config, Device::Cpu);
+    model.save_safetensors(&dir.path().join("model.safetensors")).unwrap();
+    config.save(&dir.path().join("config.json")).unwrap();
+    std::fs::copy(shared_data("gpt2_tokenizer/tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
+
+    let report = dir.path().join("hf.json");
+    hf_interop(&["check-ours", dir.path().to_str().unwrap(), report.to_str().unwrap()]);
+    let records: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    for record in records.as_array().unwrap() {
+        let ids: Vec<i64> = serde_json::from_value(record["ids"].clone()).unwrap();
+        let hf_last: Vec<f32> = serde_json::from_value(record["last_logits"].clone()).unwrap();
+        let hf_greedy: Vec<i64> = serde_json::from_value(record["greedy"].clone()).unwrap();
+
+        let logits = tch::no_grad(|| model.forward(&Tensor::from_slice(&ids).unsqueeze(0), false));
+        let last = logits.select(1, -1).squeeze_dim(0);
+        let diff = max_abs_diff(&last, &Tensor::from_slice(&hf_last));
+        assert!(diff <= 1e-4, "last-position logits differ by {diff}");
+
+        let mut cache = model.new_cache(1, 64);
+        let mut next = Tensor::from_slice(&ids).unsqueeze(0);
+        let mut ours = Vec::new();
+        for _ in 0..hf_greedy.len() {
+            let mask = Tensor::ones(next.size(), (Kind::Bool, Device::Cpu));
+            let logits = tch::no_grad(|| model.forward_cached_last(&next, &mask, &mut cache));
+            let token = logits.argmax(-1, false).int64_value(&[0]);
+            ours.push(token);
+            next = Tensor::from_slice(&[token]).unsqueeze(0);
+        }
+        assert_eq!(ours, hf_greedy, "greedy continuation of {}", record["prompt"]);
+    }
+}
