@@ -1,0 +1,15 @@
+//! What both gRPC servers share, so the trainer and the generator start, log, stop, expose
+//! metrics and guard their sockets the same way: tracing setup, shutdown signals, the metrics
+//! endpoint, TLS and bearer-token auth, health and reflection services.
+
+mod auth;
+mod grpc;
+mod metrics;
+mod security;
+mod telemetry;
+
+pub use auth::{auth_layer, AuthLayer, AuthService, BearerInterceptor, HEALTH_PATH_PREFIX};
+pub use grpc::{health_service, reflection_service, reflection_service_v1alpha};
+pub use metrics::{rss_bytes, rss_bytes_of, serve_metrics, spawn_metrics};
+pub use security::{ClientSecurityArgs, SecurityArgs};
+pub use telemetry::{init_tracing, shutdown_signal};
