@@ -1,0 +1,163 @@
+//! `synopsis runs`, `stop` and `checkpoints`: what the trainer has done and holds, as tables
+//! for people and JSON lines for scripts.
+
+use serde_json::json;
+use synopsis_proto::v1::{ListCheckpointsRequest, ListRunsRequest, StopRunRequest};
+
+use crate::cli::{CheckpointsArgs, StopArgs};
+use crate::connect::{Servers, Service};
+use crate::output::{self, format_bytes, format_loss, format_time, run_state_name};
+
+pub async fn list_runs(servers: &Servers, json: bool) -> anyhow::Result<()> {
+    let mut client = servers.trainer().await?;
+    let runs = client
+        .list_runs(ListRunsRequest {})
+        .await
+        .map_err(|s| servers.status_error(Service::Trainer, s))?
+        .into_inner()
+        .runs;
+    if json {
+        for r in &runs {
+            output::emit(&json!({
+                "run_id": r.run_id,
+                "run_name": r.run_name,
+                "state": run_state_name(r.state),
+                "created": r.created,
+                "step": r.step,
+                "total_steps": r.total_steps,
+                "last_val_loss": r.last_val_loss,
+                "last_checkpoint_id": r.last_checkpoint_id,
+                "message": r.message,
+            }))?;
+        }
+        return Ok(());
+    }
+    if runs.is_empty() {
+        println!("no runs yet: start one with `synopsis train --data FILE.csv`");
+        return Ok(());
+    }
+    let rows = runs
+        .iter()
+        .map(|r| {
+            vec![
+                r.run_id.clone(),
+                r.run_name.clone(),
+                run_state_name(r.state).to_string(),
+                format!("{}/{}", r.step, r.total_steps),
+                format_loss(r.last_val_loss),
+                r.last_checkpoint_id.clone(),
+                format_time(r.created),
+            ]
+        })
+        .collect::<Vec<_>>();
+    print_table(
+        &[
+            "RUN",
+            "NAME",
+            "STATE",
+            "STEP",
+            "VAL LOSS",
+            "LAST CHECKPOINT",
+            "CREATED",
+        ],
+        &rows,
+    );
+    for r in runs.iter().filter(|r| !r.message.is_empty()) {
+        println!("{}: {}", r.run_id, r.message);
+    }
+    Ok(())
+}
+
+pub async fn stop(servers: &Servers, args: &StopArgs, json: bool) -> anyhow::Result<()> {
+    let mut client = servers.trainer().await?;
+    let state = client
+        .stop_run(StopRunRequest {
+            run_id: args.run.clone(),
+        })
+        .await
+        .map_err(|s| servers.status_error(Service::Trainer, s))?
+        .into_inner()
+        .state;
+    if json {
+        output::emit(&json!({ "run_id": args.run, "state": run_state_name(state) }))?;
+    } else {
+        println!("run {}: {}", args.run, run_state_name(state));
+    }
+    Ok(())
+}
+
+pub async fn checkpoints(
+    servers: &Servers,
+    args: &CheckpointsArgs,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut client = servers.trainer().await?;
+    let list = client
+        .list_checkpoints(ListCheckpointsRequest {
+            run_id: args.run.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| servers.status_error(Service::Trainer, s))?
+        .into_inner()
+        .checkpoints;
+    if json {
+        for c in &list {
+            output::emit(&output::checkpoint_json(c))?;
+        }
+        return Ok(());
+    }
+    if list.is_empty() {
+        println!("no checkpoints yet");
+        return Ok(());
+    }
+    let rows = list
+        .iter()
+        .map(|c| {
+            vec![
+                c.checkpoint_id.clone(),
+                c.epoch.to_string(),
+                c.step.to_string(),
+                format_loss(c.val_loss),
+                format_bytes(c.size_bytes),
+                c.reason.clone(),
+                format_time(c.created),
+            ]
+        })
+        .collect::<Vec<_>>();
+    print_table(
+        &[
+            "CHECKPOINT",
+            "EPOCH",
+            "STEP",
+            "VAL LOSS",
+            "SIZE",
+            "REASON",
+            "CREATED",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+/// Left-aligned columns, two spaces apart, widths from the content.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let text = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        println!("{}", text.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

@@ -1,0 +1,122 @@
+//! The command line itself: usage errors exit with 2 and say what is wrong, every subcommand
+//! has help, completions are generated, and unreachable servers exit with 4 and say how to
+//! start them.
+
+mod common;
+
+use clap::CommandFactory;
+use common::{closed_port, run, stderr, stdout};
+use synopsis_cli::cli::Cli;
+
+#[tokio::test]
+async fn bad_arguments_exit_2_with_a_message() {
+    let out = run(&["train"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("--data"), "{err}");
+
+    let out = run(&["generate", "--top-k", "many"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("invalid value 'many'"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = run(&["generate", "--condition", "novalue"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("KEY=VALUE"), "{}", stderr(&out));
+
+    let out = run(&["train", "--data", "a.csv", "--data-path", "b.csv"]).await;
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = run(&["frobnicate"]).await;
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn help_works_on_every_subcommand() {
+    let out = run(&["--help"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let names: Vec<String> = Cli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .filter(|n| n != "help")
+        .collect();
+    assert!(names.len() >= 10, "{names:?}");
+    for name in &names {
+        assert!(
+            stdout(&out).contains(name.as_str()),
+            "top help lists {name}"
+        );
+        let out = run(&[name, "--help"]).await;
+        assert_eq!(out.status.code(), Some(0), "{name} --help");
+        let text = stdout(&out);
+        assert!(
+            text.contains(&format!("Usage: synopsis {name}")),
+            "{name}: {text}"
+        );
+        assert!(text.contains("--trainer"), "{name} shows the global flags");
+    }
+}
+
+#[tokio::test]
+async fn completions_are_generated() {
+    let out = run(&["completions", "bash"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let script = stdout(&out);
+    assert!(script.contains("synopsis") && script.contains("generate"));
+}
+
+#[tokio::test]
+async fn unreachable_trainer_exits_4_and_says_how_to_start_it() {
+    let port = closed_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let expected = format!(
+        "cannot reach the trainer at {url}: is it running? start it with \
+         `synopsis-trainer --listen 127.0.0.1:{port} --root DIR`"
+    );
+    for args in [
+        vec!["runs"],
+        vec!["watch", "run-1"],
+        vec!["stop", "run-1"],
+        vec!["checkpoints"],
+        vec!["plot", "run-1", "-o", "loss.svg"],
+        vec!["train", "--data-path", "anime.csv"],
+    ] {
+        let mut all = vec!["--trainer", url.as_str()];
+        all.extend(args.iter().copied());
+        let out = run(&all).await;
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&expected),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[tokio::test]
+async fn unreachable_generator_exits_4_and_says_how_to_start_it() {
+    let port = closed_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let expected = format!(
+        "cannot reach the generator at {url}: is it running? start it with \
+         `synopsis-generator --listen 127.0.0.1:{port} --trainer http://127.0.0.1:50051`"
+    );
+    for args in [
+        vec!["generate", "Hello"],
+        vec!["model"],
+        vec!["load", "run-1/step-000001"],
+    ] {
+        let mut all = vec!["--generator", url.as_str()];
+        all.extend(args.iter().copied());
+        let out = run(&all).await;
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&expected),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
