@@ -1,0 +1,223 @@
+//! Sampling rules, each checked so that a wrong rule fails: seeds reproduce, greedy is argmax,
+//! top-k and top-p never leave their set, the repetition penalty follows Hugging Face.
+
+use std::collections::BTreeSet;
+
+use synopsis_model::{Sampler, SamplingParams};
+
+/// Logits for `probs` (softmax gives them back).
+fn logits_of(probs: &[f32]) -> Vec<f32> {
+    probs.iter().map(|p| p.ln()).collect()
+}
+
+/// A GPT-2-sized row of varied logits, deterministic.
+fn vocab_logits(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 8.0)
+        .collect()
+}
+
+fn draw(params: &SamplingParams, seed: u64, logits: &[f32], n: usize) -> Vec<u32> {
+    let mut sampler = Sampler::new(params.clone(), seed);
+    (0..n).map(|_| sampler.sample(logits, &[]).token).collect()
+}
+
+fn distinct(tokens: &[u32]) -> BTreeSet<u32> {
+    tokens.iter().copied().collect()
+}
+
+#[test]
+fn same_seed_same_tokens_different_seed_different_tokens() {
+    let logits = vocab_logits(50_257);
+    let params = SamplingParams::default();
+    let a = draw(&params, 42, &logits, 64);
+    assert_eq!(a, draw(&params, 42, &logits, 64));
+    assert_ne!(a, draw(&params, 43, &logits, 64));
+    // Not a constant stream either.
+    assert!(distinct(&a).len() > 10);
+}
+
+#[test]
+fn temperature_zero_is_argmax_with_lowest_id_on_ties() {
+    let mut sampler = Sampler::new(SamplingParams::greedy(), 1);
+    let logits = [0.5, 3.0, -1.0, 3.0, 2.0];
+    for _ in 0..10 {
+        let s = sampler.sample(&logits, &[]);
+        assert_eq!(s.token, 1);
+        // log-softmax of the chosen logit.
+        let norm: f32 = logits.iter().map(|x| x.exp()).sum();
+        assert!(
+            (s.logprob - (3.0f32.exp() / norm).ln()).abs() < 1e-5,
+            "{}",
+            s.logprob
+        );
+    }
+    let big = vocab_logits(50_257);
+    let best = (0..big.len()).fold(0, |b, i| if big[i] > big[b] { i } else { b });
+    assert_eq!(sampler.sample(&big, &[]).token as usize, best);
+}
+
+#[test]
+fn top_k_never_leaves_the_k_best() {
+    // Nearly flat: without top-k every token shows up.
+    let logits = [1.0, 1.2, 0.9, 1.1, 1.15, 0.95];
+    let unrestricted = distinct(&draw(&SamplingParams::default(), 3, &logits, 2000));
+    assert_eq!(unrestricted.len(), logits.len());
+
+    let params = SamplingParams {
+        top_k: 2,
+        ..SamplingParams::default()
+    };
+    let tokens = draw(&params, 3, &logits, 2000);
+    assert_eq!(distinct(&tokens), BTreeSet::from([1, 4]));
+
+    // Same on a full vocabulary (the partial-selection path).
+    let big = vocab_logits(50_257);
+    let mut order: Vec<u32> = (0..big.len() as u32).collect();
+    order.sort_by(|a, b| big[*b as usize].total_cmp(&big[*a as usize]));
+    let tokens = draw(
+        &SamplingParams {
+            top_k: 2,
+            ..SamplingParams::default()
+        },
+        9,
+        &big,
+        500,
+    );
+    assert_eq!(distinct(&tokens), BTreeSet::from([order[0], order[1]]));
+}
+
+#[test]
+fn top_p_keeps_the_smallest_set_reaching_p() {
+    let logits = logits_of(&[0.5, 0.3, 0.15, 0.05]);
+    let params = SamplingParams {
+        top_p: 0.7,
+        ..SamplingParams::default()
+    };
+    let mut sampler = Sampler::new(params, 11);
+    let mut seen = BTreeSet::new();
+    let mut zeros = 0;
+    for _ in 0..4000 {
+        let s = sampler.sample(&logits, &[]);
+        seen.insert(s.token);
+        if s.token == 0 {
+            zeros += 1;
+            // Renormalised over the nucleus: 0.5 / 0.8.
+            assert!(
+                (s.logprob - (0.5f32 / 0.8).ln()).abs() < 1e-5,
+                "{}",
+                s.logprob
+            );
+        }
+    }
+    assert_eq!(seen, BTreeSet::from([0, 1]));
+    // 0.625 expected; a loose bound that still catches a wrong renormalisation.
+    let share = zeros as f64 / 4000.0;
+    assert!((share - 0.625).abs() < 0.04, "{share}");
+
+    // A p below the top probability keeps exactly one token.
+    let tiny = SamplingParams {
+        top_p: 0.1,
+        ..SamplingParams::default()
+    };
+    assert_eq!(distinct(&draw(&tiny, 5, &logits, 200)), BTreeSet::from([0]));
+}
+
+#[test]
+fn logprob_is_under_the_tempered_distribution() {
+    let probs = [0.6f32, 0.3, 0.1];
+    let logits = logits_of(&probs);
+    // Temperature 2 flattens: p_i ∝ sqrt(p_i).
+    let params = SamplingParams {
+        temperature: 2.0,
+        ..SamplingParams::default()
+    };
+    let mut sampler = Sampler::new(params, 8);
+    let norm: f32 = probs.iter().map(|p| p.sqrt()).sum();
+    for _ in 0..50 {
+        let s = sampler.sample(&logits, &[]);
+        let expected = (probs[s.token as usize].sqrt() / norm).ln();
+        assert!(
+            (s.logprob - expected).abs() < 1e-5,
+            "{} vs {expected}",
+            s.logprob
+        );
+    }
+}
+
+#[test]
+fn repetition_penalty_divides_positive_and_multiplies_negative_logits() {
+    let greedy = |penalty: f32| SamplingParams {
+        repetition_penalty: penalty,
+        ..SamplingParams::greedy()
+    };
+    // Positive logit of a seen token is divided: 2.0 / 1.5 = 1.33 < 1.8.
+    let mut s = Sampler::new(greedy(1.0), 0);
+    assert_eq!(s.sample(&[2.0, 1.8, -1.0], &[0]).token, 0);
+    let mut s = Sampler::new(greedy(1.5), 0);
+    assert_eq!(s.sample(&[2.0, 1.8, -1.0], &[0]).token, 1);
+
+    // Negative logit is multiplied: -1.0 * 1.5 = -1.5 < -1.2 (dividing would keep it on top).
+    assert_eq!(s.sample(&[-1.0, -1.2, -3.0], &[0]).token, 1);
+
+    // Each distinct token once, however often it was seen: 2.0 / 1.5 still beats 1.0.
+    assert_eq!(s.sample(&[2.0, 1.0], &[0, 0, 0]).token, 0);
+
+    // The logprob is taken after the penalty: log-softmax of [1.333.., 1.8].
+    let out = s.sample(&[2.0, 1.8], &[0]);
+    let (a, b) = (2.0f32 / 1.5, 1.8f32);
+    let expected = b - (a.exp() + b.exp()).ln();
+    assert!((out.logprob - expected).abs() < 1e-5);
+
+    // Ids outside the logits are ignored rather than panicking.
+    assert_eq!(s.sample(&[2.0, 1.8], &[7, 1_000_000]).token, 0);
+}
+
+#[test]
+fn nan_and_empty_logits_do_not_panic() {
+    let mut s = Sampler::new(SamplingParams::default(), 1);
+    assert_eq!(s.sample(&[f32::NAN, 1.0, f32::NAN], &[]).token, 1);
+    assert_eq!(s.sample(&[], &[]).logprob, f32::NEG_INFINITY);
+    let mut g = Sampler::new(SamplingParams::greedy(), 1);
+    assert_eq!(g.sample(&[f32::NAN, 0.0, 1.0], &[]).token, 2);
+}
+
+#[test]
+fn invalid_parameters_are_named() {
+    let bad = [
+        (
+            SamplingParams {
+                temperature: -1.0,
+                ..SamplingParams::default()
+            },
+            "temperature",
+        ),
+        (
+            SamplingParams {
+                top_p: 0.0,
+                ..SamplingParams::default()
+            },
+            "top_p",
+        ),
+        (
+            SamplingParams {
+                top_p: 1.5,
+                ..SamplingParams::default()
+            },
+            "top_p",
+        ),
+        (
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..SamplingParams::default()
+            },
+            "repetition_penalty",
+        ),
+    ];
+    for (params, field) in bad {
+        let err = params.validate().unwrap_err().to_string();
+        assert!(err.contains(field), "{err}");
+    }
+    assert!(SamplingParams::default().validate().is_ok());
+    assert!(SamplingParams::greedy().validate().is_ok());
+}
