@@ -28,7 +28,8 @@ use serde::{Deserialize, Serialize};
 use super::DataError;
 
 /// Shortest synopsis kept, in characters: the threshold of the recommended cleaned corpus,
-/// below which MyAnimeList entries are mostly one-line notes ("Short film by …").
+/// below which MyAnimeList entries are mostly one-line notes ("Short film by …"). Corpora of
+/// short descriptions (Netflix: 61–248 characters) need a lower value, e.g. 50.
 pub const DEFAULT_MIN_CHARS: usize = 200;
 /// Longest synopsis kept, in characters: the original project's limit. ~1,000 characters
 /// are ~220 GPT-2 tokens, so a kept synopsis fits whole in one 256-token training sequence.
