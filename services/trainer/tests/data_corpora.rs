@@ -2,23 +2,20 @@
 //! copied into the repository): its counts must match what is known of each file.
 //!
 //! The directory is `$SYNOPSIS_DATA_DIR`, or `../shared/data` beside the repository. When it
-//! is absent (a checkout without the shared data) these tests say so and pass.
+//! is absent these tests fail: they are part of what `make test` proves.
 
 use std::path::{Path, PathBuf};
 
 use synopsis_trainer::data::{load_documents, CleaningConfig, DataOptions, Dataset};
 
 fn data_file(rel: &str) -> Option<PathBuf> {
+    // Always `Some`: a missing file fails the test instead of skipping it.
     let dir = std::env::var_os("SYNOPSIS_DATA_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
     let path = dir.join(rel);
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!("skipping: {} not found", path.display());
-        None
-    }
+    assert!(path.is_file(), "{} not found (set SYNOPSIS_DATA_DIR)", path.display());
+    Some(path)
 }
 
 fn dropped(ds: &Dataset, reason: &str) -> u64 {
