@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Server};
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus as Reported;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::ServingStatus;
@@ -113,7 +114,7 @@ async fn health_is_open_everything_else_needs_the_token() {
 
     assert_eq!(
         health_check(server.addr).await.unwrap(),
-        ServingStatus::Serving as i32
+        Reported::Serving as i32
     );
 
     let err = list_services(server.addr, None).await.unwrap_err();
@@ -158,7 +159,7 @@ async fn health_starts_not_serving() {
     );
     assert_eq!(
         health_check(addr).await.unwrap(),
-        ServingStatus::NotServing as i32
+        Reported::NotServing as i32
     );
     let _ = stop.send(());
 }

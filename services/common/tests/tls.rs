@@ -9,6 +9,7 @@ use synopsis_common::{health_service, ClientSecurityArgs, SecurityArgs};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic_health::pb::health_check_response::ServingStatus as Reported;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::ServingStatus;
@@ -113,7 +114,7 @@ async fn tls_client_trusting_the_ca_connects_plaintext_does_not() {
     let status = check(&trusting(&pki.ca), &format!("https://{addr}"))
         .await
         .unwrap();
-    assert_eq!(status, ServingStatus::Serving as i32);
+    assert_eq!(status, Reported::Serving as i32);
 
     let plain = check(&ClientSecurityArgs::default(), &format!("http://{addr}")).await;
     assert!(plain.is_err(), "plaintext reached a TLS server: {plain:?}");
@@ -152,7 +153,7 @@ async fn mutual_tls_requires_a_client_certificate() {
     };
     assert_eq!(
         check(&identified, &url).await.unwrap(),
-        ServingStatus::Serving as i32
+        Reported::Serving as i32
     );
 }
 
