@@ -20,6 +20,7 @@ pub use device::{device_name, parse_device, WeightDtype};
 pub use error::{ModelError, Result};
 pub use gpt2::Gpt2;
 pub use kv_cache::KvCache;
+pub use generate::{generate, generate_tokens, Generation};
 pub use incremental::IncrementalDecoder;
 pub use checkpoint::{load_model_dir, LoadedModel};
 pub use manifest::{FileEntry, Manifest};
