@@ -1,0 +1,289 @@
+//! The hot-swap pipeline every checkpoint goes through, whatever its source: load and verify
+//! on a blocking thread, smoke-test and install in the engine, then make it live. A checkpoint
+//! that fails any step is recorded as refused and the live model keeps serving.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use synopsis_model::checkpoint::{self, LoadedModel, Manifest, MANIFEST};
+use synopsis_model::{Gpt2, Gpt2Config, ModelError, Tokenizer, WeightDtype};
+use synopsis_proto::v1 as pb;
+use tracing::{info, warn};
+
+use crate::conditioning::Conditioning;
+use crate::engine::ResidentModel;
+use crate::sources::download::OPTIONAL_FILES;
+use crate::state::State;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    #[error("{0}")]
+    Load(#[from] ModelError),
+    #[error("bad conditioning template: {0}")]
+    Template(String),
+    #[error("smoke test failed: {0}")]
+    Install(String),
+    #[error("{0}")]
+    Download(String),
+    /// The trainer could not be reached; nothing was refused.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The trainer does not know the checkpoint.
+    #[error("{0}")]
+    NotFound(String),
+    #[error("loader thread failed: {0}")]
+    Task(String),
+}
+
+impl SwapError {
+    /// True when the checkpoint may still be in the middle of being copied (a file missing or
+    /// short), so a watcher should look again instead of refusing it for good.
+    pub fn is_incomplete(&self) -> bool {
+        matches!(
+            self,
+            SwapError::Load(ModelError::MissingFile { .. } | ModelError::SizeMismatch { .. })
+        )
+    }
+}
+
+/// How a directory reached the generator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A checkpoint or plain Hugging Face directory on this machine: every file is verified.
+    Local,
+    /// Downloaded from the trainer without the files serving does not need
+    /// ([`OPTIONAL_FILES`]): every file present is verified, those may be missing.
+    Downloaded,
+}
+
+/// Loads the checkpoint (or plain Hugging Face directory) at `dir` and makes it live.
+/// `record_incomplete = false` leaves a half-copied checkpoint out of the refused list.
+pub async fn install_dir(
+    state: &Arc<State>,
+    dir: &Path,
+    origin: Origin,
+    source: &str,
+    record_incomplete: bool,
+) -> Result<pb::CheckpointInfo, SwapError> {
+    let _one_swap = state.swap_lock.lock().await;
+    let result = install_locked(state, dir, origin, source).await;
+    match &result {
+        Ok(info) => {
+            state.metrics.swaps.inc();
+            info!(checkpoint_id = %info.checkpoint_id, source, "checkpoint is live");
+        }
+        Err(e) if e.is_incomplete() && !record_incomplete => {
+            info!(dir = %dir.display(), error = %e, "checkpoint incomplete, will look again");
+        }
+        Err(e) => {
+            state.metrics.swap_failures.inc();
+            let id = peek_manifest(dir)
+                .map(|m| m.checkpoint_id)
+                .unwrap_or_else(|| dir.display().to_string());
+            state.refuse(&id, &e.to_string());
+            warn!(checkpoint_id = %id, source, error = %e, "checkpoint refused; the live model keeps serving");
+        }
+    }
+    state.refresh_health().await;
+    result
+}
+
+async fn install_locked(
+    state: &Arc<State>,
+    dir: &Path,
+    origin: Origin,
+    source: &str,
+) -> Result<pb::CheckpointInfo, SwapError> {
+    // The same bytes already resident (e.g. seen through two sources): just make them live.
+    if let Some(m) = peek_manifest(dir) {
+        if let Some(resident) = state.resident(&m.checkpoint_id) {
+            let sha = checkpoint::sha256_file(&dir.join(MANIFEST)).ok();
+            if sha.as_deref() == Some(resident.info.sha256.as_str()) {
+                state
+                    .engine
+                    .set_live(&m.checkpoint_id)
+                    .await
+                    .map_err(SwapError::Install)?;
+                return Ok(resident.info);
+            }
+        }
+    }
+
+    let owned_dir = dir.to_path_buf();
+    let (device, dtype) = (state.device, state.dtype);
+    let (loaded, info, template) = tokio::task::spawn_blocking(move || {
+        let loaded = match origin {
+            Origin::Local => checkpoint::load_model_dir(&owned_dir, device, dtype)?,
+            Origin::Downloaded => load_downloaded(&owned_dir, device, dtype)?,
+        };
+        let template =
+            Conditioning::from_metadata(&loaded.metadata).map_err(SwapError::Template)?;
+        let info = checkpoint_info(&owned_dir, &loaded, template.as_ref())?;
+        Ok::<_, SwapError>((loaded, info, template))
+    })
+    .await
+    .map_err(|e| SwapError::Task(e.to_string()))??;
+
+    let id = info.checkpoint_id.clone();
+    // The template must be known before the model can receive requests.
+    state.set_template(&id, template);
+    let resident = ResidentModel {
+        checkpoint_id: id.clone(),
+        loaded,
+        source: source.to_string(),
+        info: info.clone(),
+    };
+    if let Err(reason) = state.engine.install(resident, true).await {
+        if state.resident(&id).is_none() {
+            state.forget_template(&id);
+        }
+        return Err(SwapError::Install(reason));
+    }
+    Ok(info)
+}
+
+/// Makes a resident checkpoint live again (pin or roll back).
+pub async fn make_live(
+    state: &Arc<State>,
+    checkpoint_id: &str,
+) -> Result<pb::CheckpointInfo, String> {
+    let _one_swap = state.swap_lock.lock().await;
+    let result = state.engine.set_live(checkpoint_id).await;
+    state.refresh_health().await;
+    result?;
+    info!(checkpoint_id, "resident checkpoint made live");
+    state
+        .resident(checkpoint_id)
+        .map(|m| m.info)
+        .ok_or_else(|| format!("checkpoint {checkpoint_id} left memory while being made live"))
+}
+
+/// Refuses a checkpoint that never reached the loader (download failed).
+pub fn refuse(state: &State, checkpoint_id: &str, reason: &str) {
+    state.metrics.swap_failures.inc();
+    state.refuse(checkpoint_id, reason);
+    warn!(
+        checkpoint_id,
+        reason, "checkpoint refused; the live model keeps serving"
+    );
+}
+
+/// `load_model_dir` for a downloaded checkpoint: the same checks, except that the files in
+/// [`OPTIONAL_FILES`] (never fetched) may be absent.
+fn load_downloaded(
+    dir: &Path,
+    device: tch::Device,
+    dtype: WeightDtype,
+) -> Result<LoadedModel, ModelError> {
+    let manifest = Manifest::read(dir)?;
+    for (name, expected) in &manifest.files {
+        let path = dir.join(name);
+        if OPTIONAL_FILES.contains(&name.as_str()) && !path.exists() {
+            continue;
+        }
+        let actual = checkpoint::hash_file(&path)?;
+        if actual.size != expected.size {
+            return Err(ModelError::SizeMismatch {
+                path,
+                expected: expected.size,
+                actual: actual.size,
+            });
+        }
+        if actual.sha256 != expected.sha256 {
+            return Err(ModelError::HashMismatch {
+                path,
+                expected: expected.sha256.clone(),
+                actual: actual.sha256,
+            });
+        }
+    }
+    let config = Gpt2Config::from_file(&dir.join(checkpoint::CONFIG_FILE))?;
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    if tokenizer.vocab_size() as i64 > config.vocab_size {
+        return Err(ModelError::Invalid(format!(
+            "{}: tokenizer has {} tokens but the model only {} embeddings",
+            dir.display(),
+            tokenizer.vocab_size(),
+            config.vocab_size
+        )));
+    }
+    let model = Gpt2::load(&config, &dir.join(checkpoint::WEIGHTS_FILE), device, dtype)?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        metadata: manifest.metadata.clone(),
+        files: manifest.files.clone(),
+        manifest: Some(manifest),
+    })
+}
+
+fn peek_manifest(dir: &Path) -> Option<Manifest> {
+    let bytes = std::fs::read(dir.join(MANIFEST)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Describes a loaded checkpoint. A plain Hugging Face directory has no manifest: its id is
+/// the directory name plus a digest of its files, so two different models never share an id.
+fn checkpoint_info(
+    dir: &Path,
+    loaded: &LoadedModel,
+    template: Option<&Conditioning>,
+) -> Result<pb::CheckpointInfo, SwapError> {
+    let size_bytes = loaded.files.values().map(|f| f.size).sum();
+    let parameters = loaded.model.config().num_parameters().max(0) as u64;
+    let condition_columns = template.map(|t| t.columns.clone()).unwrap_or_default();
+    let info = match &loaded.manifest {
+        Some(m) => pb::CheckpointInfo {
+            checkpoint_id: m.checkpoint_id.clone(),
+            run_id: m.run_id.clone(),
+            epoch: m.epoch,
+            step: m.step,
+            val_loss: m.val_loss.unwrap_or(f64::NAN),
+            sha256: checkpoint::sha256_file(&dir.join(MANIFEST))?,
+            size_bytes,
+            created: m.created,
+            reason: m.reason.clone(),
+            condition_columns,
+            parameters,
+        },
+        None => {
+            let mut digest = Sha256::new();
+            for (name, entry) in &loaded.files {
+                digest.update(format!("{name} {} {}\n", entry.sha256, entry.size));
+            }
+            let sha256 = hex::encode(digest.finalize());
+            let name = dir_name(dir);
+            pb::CheckpointInfo {
+                checkpoint_id: format!("{name}@{}", &sha256[..12]),
+                sha256,
+                size_bytes,
+                created: modified_secs(&dir.join("model.safetensors")),
+                reason: "directory".into(),
+                val_loss: f64::NAN,
+                condition_columns,
+                parameters,
+                ..Default::default()
+            }
+        }
+    };
+    Ok(info)
+}
+
+fn dir_name(dir: &Path) -> String {
+    let absolute: PathBuf = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    absolute
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "model".into())
+}
+
+fn modified_secs(path: &Path) -> i64 {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,107 @@
+//! Readiness and shutdown as a load balancer sees them: NOT_SERVING until a model is live,
+//! SERVING after, NOT_SERVING while draining, streams in flight finish, then `serve` returns.
+
+mod server_support;
+
+use server_support::*;
+use synopsis_proto::v1 as pb;
+use synopsis_proto::v1::generator_client::GeneratorClient;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_serving_until_a_model_is_loaded() {
+    let mut server = TestServer::start(&[]).await;
+    assert_eq!(server.health("").await, ServingStatus::NotServing);
+    assert_eq!(
+        server.health("synopsis.v1.Generator").await,
+        ServingStatus::NotServing
+    );
+    let info = server.model_info().await;
+    assert_eq!(info.state, pb::ServingState::Waiting as i32);
+    assert_eq!(info.device, "cpu");
+
+    let mut client = server.client().await;
+    let status = client
+        .generate(request("Hello", 4))
+        .await
+        .expect_err("no model");
+    assert_eq!(status.code(), Code::Unavailable);
+
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ck");
+    write_tiny_checkpoint(&ckpt, "ck-1", 1, serde_json::Value::Null);
+    let loaded = client
+        .load_checkpoint(pb::LoadCheckpointRequest {
+            source: Some(pb::load_checkpoint_request::Source::Path(
+                ckpt.display().to_string(),
+            )),
+        })
+        .await
+        .expect("load by path")
+        .into_inner();
+    assert_eq!(loaded.info.unwrap().checkpoint_id, "ck-1");
+    assert_eq!(server.health("").await, ServingStatus::Serving);
+    assert_eq!(
+        server.health("synopsis.v1.Generator").await,
+        ServingStatus::Serving
+    );
+    let info = server.model_info().await;
+    assert_eq!(info.state, pb::ServingState::Serving as i32);
+    assert_eq!(info.live_checkpoint_id, "ck-1");
+    assert_eq!(info.n_positions, N_POSITIONS as u32);
+
+    server.signal_shutdown();
+    server.join().await.expect("clean exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_refuses_new_work_and_lets_streams_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ck");
+    write_tiny_checkpoint(&ckpt, "ck-1", 1, serde_json::Value::Null);
+    let mut server = TestServer::start(&["--model", ckpt.to_str().unwrap()]).await;
+    server
+        .wait_for_info("the model", |i| !i.live_checkpoint_id.is_empty())
+        .await;
+
+    // A client with a tiny HTTP/2 window that reads only `started`: the server cannot push the
+    // rest, so the stream is still open when the drain begins.
+    let slow = server
+        .endpoint()
+        .initial_stream_window_size(256)
+        .initial_connection_window_size(256)
+        .connect()
+        .await
+        .unwrap();
+    let mut slow = GeneratorClient::new(slow);
+    let mut req = request("Once upon a time", 100);
+    req.n = 4;
+    let mut stream = slow.generate(req).await.expect("accepted").into_inner();
+    let first = stream
+        .message()
+        .await
+        .expect("first message")
+        .expect("started");
+    assert!(matches!(
+        first.event,
+        Some(pb::generate_response::Event::Started(_))
+    ));
+
+    server.signal_shutdown();
+    server
+        .wait_for_info("draining", |i| i.state == pb::ServingState::Draining as i32)
+        .await;
+    assert_eq!(server.health("").await, ServingStatus::NotServing);
+    let mut other = server.client().await;
+    let status = other
+        .generate(request("Hello", 4))
+        .await
+        .expect_err("draining");
+    assert_eq!(status.code(), Code::Unavailable);
+
+    let rest = collect(stream).await;
+    assert!(rest.error.is_none(), "{:?}", rest.error);
+    assert_eq!(rest.finished.len(), 4);
+    server.join().await.expect("clean exit");
+}
