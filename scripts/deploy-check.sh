@@ -12,34 +12,18 @@ cd "$(dirname "$0")/.."
 K8S_VERSIONS="1.30.0 1.37.0"
 TOOLS="$(scripts/setup-deploy-tools.sh)"
 OUT=target/deploy
-rm -rf "$OUT/rendered" "$OUT/combos"
-mkdir -p "$OUT/rendered" "$OUT/combos"
+rm -rf "$OUT/rendered"
+mkdir -p "$OUT/rendered"
 
-render() { # name kustomization-dir
-  "$TOOLS/bin/kustomize" build "$2" > "$OUT/rendered/$1.yaml"
+render() { # name spec
+  scripts/deploy-render.sh "$2" > "$OUT/rendered/$1.yaml"
   echo "rendered $2 -> $OUT/rendered/$1.yaml"
 }
 
-# An overlay with components, as a user would write it (paths relative, as kustomize demands).
-combo() { # name overlay component...
-  local name=$1 overlay=$2; shift 2
-  local dir="$OUT/combos/$name"
-  mkdir -p "$dir"
-  {
-    echo "apiVersion: kustomize.config.k8s.io/v1beta1"
-    echo "kind: Kustomization"
-    echo "resources:"
-    echo "  - ../../../../deploy/k8s/overlays/$overlay"
-    echo "components:"
-    for c in "$@"; do echo "  - ../../../../deploy/k8s/components/$c"; done
-  } > "$dir/kustomization.yaml"
-  render "$name" "$dir"
-}
-
-render cpu deploy/k8s/overlays/cpu
-render gpu deploy/k8s/overlays/gpu
-combo cpu-secure cpu auth tls
-combo gpu-all gpu auth tls servicemonitor
+render cpu overlays/cpu
+render gpu overlays/gpu
+render cpu-secure overlays/cpu+auth+tls
+render gpu-all overlays/gpu+auth+tls+servicemonitor
 
 for v in $K8S_VERSIONS; do
   # ServiceMonitor is a CRD without a bundled schema: reported as a warning, not validated.
