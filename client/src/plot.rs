@@ -196,6 +196,11 @@ fn draw<DB: DrawingBackend>(
     let fail = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("cannot draw the plot: {e}");
     root.fill(&WHITE).map_err(fail)?;
     let (x_range, y_range) = ranges(curves);
+    let y_decimals = if y_range.end - y_range.start < 1.0 {
+        2
+    } else {
+        1
+    };
     let title = if curves.run_id.is_empty() {
         "loss".to_string()
     } else {
@@ -214,6 +219,8 @@ fn draw<DB: DrawingBackend>(
         .y_desc("loss")
         .axis_desc_style(("sans-serif", 18))
         .label_style(("sans-serif", 14))
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.*}", y_decimals))
         .light_line_style(RGBColor(238, 238, 238))
         .bold_line_style(RGBColor(215, 215, 215))
         .draw()
@@ -229,7 +236,7 @@ fn draw<DB: DrawingBackend>(
         let series = chart.draw_series(line).map_err(fail)?;
         if i == 0 {
             series.label("checkpoint").legend(|(x, y)| {
-                PathElement::new([(x, y), (x + 8, y)], CHECKPOINT.stroke_width(1))
+                PathElement::new([(x, y), (x + 20, y)], CHECKPOINT.stroke_width(1))
             });
         }
     }
@@ -300,19 +307,21 @@ fn ranges(curves: &LossCurves) -> (std::ops::Range<f64>, std::ops::Range<f64>) {
     (x_min..x_max, (y_min - pad).max(0.0)..(y_max + pad))
 }
 
-/// Exponential moving average: per-step loss is noisy, the trend is what a reader wants.
-/// The window grows with the run (about 1/40 of its steps), and the start is bias-corrected.
+/// Centred moving average: per-step loss is noisy, the trend is what a reader wants, and a
+/// centred window (unlike an exponential average) does not lag behind it. The window grows
+/// with the run (about 1/40 of its steps) and shrinks at both ends.
 pub fn smooth(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
-    let window = (points.len() as f64 / 40.0).max(1.0);
-    let alpha = 1.0 / window;
-    let mut avg = 0.0;
-    let mut weight = 0.0;
-    points
-        .iter()
-        .map(|&(x, y)| {
-            avg = (1.0 - alpha) * avg + alpha * y;
-            weight = (1.0 - alpha) * weight + alpha;
-            (x, avg / weight)
+    let half = points.len() / 80;
+    let mut prefix = Vec::with_capacity(points.len() + 1);
+    prefix.push(0.0);
+    for (i, p) in points.iter().enumerate() {
+        prefix.push(prefix[i] + p.1);
+    }
+    (0..points.len())
+        .map(|i| {
+            let lo = i.saturating_sub(half);
+            let hi = (i + half + 1).min(points.len());
+            (points[i].0, (prefix[hi] - prefix[lo]) / (hi - lo) as f64)
         })
         .collect()
 }

@@ -175,7 +175,13 @@ impl RunView {
         );
         match &self.bar {
             Some(bar) => {
-                bar.set_position(s.step.saturating_sub(self.epoch_start_step));
+                let position = s.step.saturating_sub(self.epoch_start_step);
+                // The estimate of the epoch's length was short: stretch to what is left.
+                if bar.length().is_some_and(|len| position > len) {
+                    let remaining = self.total_steps.saturating_sub(self.epoch_start_step);
+                    bar.set_length(remaining.max(position));
+                }
+                bar.set_position(position);
                 bar.set_message(message);
             }
             None => {

@@ -7,7 +7,7 @@ mod common;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use common::{json_lines, run, serve_generator, stderr, stdout};
+use common::{json_lines, run, run_with_env, serve_generator, stderr, stdout};
 use synopsis_proto::v1::generator_server::Generator;
 use synopsis_proto::v1::{
     generate_response, load_checkpoint_request, CheckpointInfo, FinishReason, GenerateFinished,
@@ -290,5 +290,35 @@ async fn model_and_load() {
     assert_eq!(
         loaded[0].source,
         Some(load_checkpoint_request::Source::Path("/models/gpt2".into()))
+    );
+}
+
+#[tokio::test]
+async fn servers_and_token_come_from_the_environment() {
+    let fake = FakeGenerator::default();
+    let addr = serve_generator(fake.clone()).await;
+    let url = format!("http://{addr}");
+    let out = run_with_env(
+        &["generate", "Hi"],
+        &[
+            ("SYNOPSIS_GENERATOR", url.as_str()),
+            ("SYNOPSIS_TOKEN", "from-env"),
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "Hi a0 b0 c0\n");
+    let auth = fake.seen.0.lock().unwrap()[0].1.clone();
+    assert_eq!(auth.as_deref(), Some("Bearer from-env"));
+}
+
+#[tokio::test]
+async fn a_missing_ca_file_is_reported() {
+    let out = run(&["--tls-ca", "/nonexistent/ca.pem", "model"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot read the CA certificate /nonexistent/ca.pem"),
+        "{}",
+        stderr(&out)
     );
 }

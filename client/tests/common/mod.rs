@@ -15,12 +15,18 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_synopsis");
 
 /// Runs `synopsis` with `args`, no inherited SYNOPSIS_* settings, stdin closed.
 pub async fn run(args: &[&str]) -> Output {
+    run_with_env(args, &[]).await
+}
+
+/// Runs `synopsis` with `args` and only the SYNOPSIS_* settings in `env`.
+pub async fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = tokio::process::Command::new(BIN);
     for (key, _) in std::env::vars() {
         if key.starts_with("SYNOPSIS_") {
             cmd.env_remove(key);
         }
     }
+    cmd.envs(env.iter().copied());
     cmd.args(args)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
