@@ -1,0 +1,278 @@
+//! The trainer's state and its one device: which run holds it, how a run is started on its own
+//! thread (so it goes on when every client has gone), stopped, and waited for at shutdown.
+//!
+//! One run at a time per device: a second Train while one runs (or is being prepared) is
+//! refused with RESOURCE_EXHAUSTED "run X is running; stop it or wait". Queueing was the
+//! alternative; refusing keeps the client in charge of what runs next and never leaves a
+//! forgotten run waiting for hours behind another.
+
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use synopsis_proto::v1::{train_event, RunFinished, RunState, TrainRequest};
+use tch::Device;
+use tokio::sync::watch;
+
+use crate::checkpoints::Catalog;
+use crate::data::DatasetStore;
+use crate::error::{Result, TrainerError};
+use crate::ids;
+use crate::layout::Layout;
+use crate::metrics::Metrics;
+use crate::runs::{Run, RunRecord, Runs, State, StopReason};
+use crate::train::{self, Env, RunContext};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Who holds the device.
+#[derive(Debug, Clone)]
+enum Slot {
+    Idle,
+    /// A request is being resolved (data read, tokenizer trained, model loaded).
+    Preparing,
+    Running(Arc<Run>),
+}
+
+#[derive(Debug)]
+pub struct Manager {
+    pub layout: Layout,
+    pub runs: Runs,
+    pub catalog: Arc<Catalog>,
+    pub datasets: DatasetStore,
+    pub metrics: Metrics,
+    env: Env,
+    slot: Mutex<Slot>,
+    /// `true` while no run holds the device; shutdown waits on it.
+    idle: watch::Sender<bool>,
+    draining: AtomicBool,
+}
+
+/// Frees the slot when preparation fails or panics before a run thread takes it over.
+struct SlotGuard<'a> {
+    manager: &'a Manager,
+    armed: bool,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.manager.release();
+        }
+    }
+}
+
+impl Manager {
+    /// Opens the trainer's root: removes stale temp files, loads runs (marking the ones a dead
+    /// process left RUNNING as FAILED) and verifies checkpoints. Blocking.
+    pub fn open(
+        root: PathBuf,
+        data_root: Option<PathBuf>,
+        models_root: Option<PathBuf>,
+        max_upload_bytes: u64,
+        device: Device,
+    ) -> Result<Self> {
+        let layout = Layout::new(root);
+        layout
+            .create()
+            .map_err(|e| TrainerError::io(layout.root(), e))?;
+        let datasets = DatasetStore::new(layout.root())
+            .map_err(|source| TrainerError::Data {
+                field: "root",
+                source,
+            })?
+            .with_max_bytes(max_upload_bytes);
+        let runs = Runs::load(&layout)?;
+        let catalog = Arc::new(Catalog::load(&layout)?);
+        let metrics =
+            Metrics::new().map_err(|e| TrainerError::Internal(format!("metrics: {e}")))?;
+        metrics.set_runs(&runs.list());
+        let (idle, _) = watch::channel(true);
+        Ok(Manager {
+            env: Env {
+                datasets: datasets.clone(),
+                data_root,
+                models_root,
+                device,
+            },
+            layout,
+            runs,
+            catalog,
+            datasets,
+            metrics,
+            slot: Mutex::new(Slot::Idle),
+            idle,
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.env.device
+    }
+
+    fn reserve(&self) -> Result<SlotGuard<'_>> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(TrainerError::ShuttingDown);
+        }
+        let mut slot = lock(&self.slot);
+        match &*slot {
+            Slot::Idle => {
+                *slot = Slot::Preparing;
+                self.idle.send_replace(false);
+                Ok(SlotGuard {
+                    manager: self,
+                    armed: true,
+                })
+            }
+            Slot::Preparing => Err(TrainerError::Starting),
+            Slot::Running(run) => Err(TrainerError::Busy {
+                run_id: run.id.clone(),
+            }),
+        }
+    }
+
+    fn release(&self) {
+        *lock(&self.slot) = Slot::Idle;
+        self.idle.send_replace(true);
+    }
+
+    /// Resolves `req`, creates the run and starts its thread. Returns once the run exists;
+    /// its events follow on the run's broadcast and log.
+    pub async fn start(self: &Arc<Self>, req: TrainRequest) -> Result<Arc<Run>> {
+        let guard = self.reserve()?;
+        let this = self.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            train::prepare(&req, &this.env, &this.catalog).map(|plan| (plan, req))
+        })
+        .await
+        .map_err(|e| TrainerError::Internal(format!("preparing the run panicked: {e}")))?;
+        let (plan, req) = prepared?;
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(TrainerError::ShuttingDown);
+        }
+        let run_id = ids::new_run_id();
+        let record = RunRecord {
+            run_id: run_id.clone(),
+            run_name: if req.run_name.is_empty() {
+                run_id.clone()
+            } else {
+                req.run_name.clone()
+            },
+            state: State::Queued,
+            created: ids::unix_seconds(),
+            finished: None,
+            config: serde_json::to_value(&plan.config).unwrap_or_default(),
+            device: plan.config.device.clone(),
+            step: plan.progress.step,
+            total_steps: 0,
+            last_val_loss: None,
+            last_checkpoint_id: None,
+            resumed_from: plan.config.resume_from.clone(),
+            message: String::new(),
+        };
+        let run = self.runs.create(record)?;
+        {
+            let mut slot = lock(&self.slot);
+            *slot = Slot::Running(run.clone());
+            // Checked under the slot lock, which `shutdown` takes after raising `draining`:
+            // either it sees this run or this sees the drain.
+            if self.draining.load(Ordering::SeqCst) {
+                run.stop_signal().request(StopReason::Shutdown);
+            }
+        }
+        let ctx = RunContext {
+            run: run.clone(),
+            catalog: self.catalog.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let this = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("train-{run_id}"))
+            .spawn(move || this.run_thread(plan, ctx));
+        if let Err(e) = spawned {
+            run.emit(train_event::Event::Finished(RunFinished {
+                state: RunState::Failed as i32,
+                message: format!("cannot start the training thread: {e}"),
+                last_checkpoint_id: String::new(),
+            }));
+            return Err(TrainerError::Internal(format!(
+                "cannot start a thread: {e}"
+            )));
+        }
+        // The thread owns the slot from here and releases it when the run ends.
+        let mut guard = guard;
+        guard.armed = false;
+        self.metrics.set_runs(&self.runs.list());
+        tracing::info!(run_id = %run.id, "run started");
+        Ok(run)
+    }
+
+    fn run_thread(self: Arc<Self>, plan: train::Plan, ctx: RunContext) {
+        let span = tracing::info_span!("run", run_id = %ctx.run.id);
+        let _entered = span.enter();
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| train::run(plan, &ctx)));
+        let last = ctx.run.record().last_checkpoint_id.unwrap_or_default();
+        let (state, message) = match result {
+            Ok(Ok(outcome)) => match outcome.stopped {
+                None => (RunState::Completed, "completed".to_string()),
+                Some(StopReason::Requested) => (RunState::Stopped, "stopped on request".into()),
+                Some(StopReason::Shutdown) => (
+                    RunState::Stopped,
+                    "stopped because the trainer shut down; resume from the last checkpoint".into(),
+                ),
+            },
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "run failed");
+                (RunState::Failed, e.to_string())
+            }
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!(panic = %what, "run panicked");
+                (RunState::Failed, format!("internal error: {what}"))
+            }
+        };
+        ctx.run.emit(train_event::Event::Finished(RunFinished {
+            state: state as i32,
+            message,
+            last_checkpoint_id: last,
+        }));
+        tracing::info!(state = ?state, "run finished");
+        self.metrics.tokens_per_second.set(0.0);
+        self.metrics.set_runs(&self.runs.list());
+        self.release();
+    }
+
+    /// Asks a run to checkpoint and stop; answers its state (a finished run's final state).
+    pub fn stop(&self, run_id: &str) -> Result<State> {
+        ids::validate_run_id("run_id", run_id)?;
+        let run = self
+            .runs
+            .get(run_id)
+            .ok_or_else(|| TrainerError::NotFound(format!("no run {run_id}")))?;
+        let state = run.state();
+        if !state.is_terminal() {
+            run.stop_signal().request(StopReason::Requested);
+            tracing::info!(run_id, "stop requested");
+        }
+        Ok(state)
+    }
+
+    /// Starts nothing new, asks the running run to checkpoint and stop, and waits until it has.
+    pub async fn shutdown(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        if let Slot::Running(run) = &*lock(&self.slot) {
+            tracing::info!(run_id = %run.id, "asking the run to checkpoint before exit");
+            run.stop_signal().request(StopReason::Shutdown);
+        }
+        let mut idle = self.idle.subscribe();
+        // The sender lives in `self`, so this only ends when the device is idle.
+        let _ = idle.wait_for(|idle| *idle).await;
+    }
+}

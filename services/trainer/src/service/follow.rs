@@ -1,0 +1,141 @@
+//! Server streams that follow something live: a run's events (replayed from the log, then
+//! followed on the broadcast without gap or duplicate) and the checkpoint feed. Each is a
+//! channel fed by a task that stops when the client goes away or the server drains.
+
+use std::sync::Arc;
+
+use synopsis_proto::v1::{train_event, CheckpointInfo, TrainEvent};
+use tokio::sync::{broadcast, mpsc, watch};
+use tonic::Status;
+
+use crate::checkpoints::Catalog;
+use crate::runs::Run;
+
+/// Items buffered per stream before the producer waits for the client.
+pub const STREAM_BUFFER: usize = 64;
+
+pub type EventTx = mpsc::Sender<Result<TrainEvent, Status>>;
+
+/// Resolves once the server drains (or is gone).
+async fn drained(drain: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send: drop it within this statement.
+    let _ = drain.wait_for(|d| *d).await.is_ok();
+}
+
+fn is_finished(event: &TrainEvent) -> bool {
+    matches!(event.event, Some(train_event::Event::Finished(_)))
+}
+
+/// Sends the run's events from `from_seq` until its `finished` event, the client leaving or
+/// the server draining.
+pub async fn follow_run(
+    run: Arc<Run>,
+    from_seq: u64,
+    tx: EventTx,
+    mut drain: watch::Receiver<bool>,
+) {
+    let mut next = from_seq;
+    loop {
+        // Subscribe before reading the log: an event missing from the read is in the channel.
+        let mut rx = run.subscribe();
+        let replay = {
+            let run = run.clone();
+            tokio::task::spawn_blocking(move || run.replay(next)).await
+        };
+        let replay = match replay {
+            Ok(Ok(events)) => events,
+            Ok(Err(e)) => {
+                let _ = tx.send(Err(Status::from(e))).await;
+                return;
+            }
+            Err(e) => {
+                let _ = tx
+                    .send(Err(Status::internal(format!("replay failed: {e}"))))
+                    .await;
+                return;
+            }
+        };
+        for event in replay {
+            if event.seq < next {
+                continue;
+            }
+            next = event.seq + 1;
+            let done = is_finished(&event);
+            if tx.send(Ok(event)).await.is_err() || done {
+                return;
+            }
+        }
+        loop {
+            tokio::select! {
+                received = rx.recv() => match received {
+                    Ok(event) => {
+                        if event.seq < next {
+                            continue;
+                        }
+                        if event.seq > next {
+                            // Should not happen (the log is written first); re-read to fill in.
+                            break;
+                        }
+                        next += 1;
+                        let done = is_finished(&event);
+                        if tx.send(Ok(event)).await.is_err() || done {
+                            return;
+                        }
+                    }
+                    // Fell behind the broadcast: catch up from the log.
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                () = drained(&mut drain) => return,
+                () = tx.closed() => return,
+            }
+        }
+    }
+}
+
+/// Sends the newest checkpoint (of `run_id` if set), then each new one.
+pub async fn watch_checkpoints(
+    catalog: Arc<Catalog>,
+    run_id: Option<String>,
+    tx: mpsc::Sender<Result<CheckpointInfo, Status>>,
+    mut drain: watch::Receiver<bool>,
+) {
+    let mut rx = catalog.subscribe();
+    let mut sent_first: Option<String> = None;
+    if let Some(newest) = catalog.newest(run_id.as_deref()) {
+        sent_first = Some(newest.checkpoint_id.clone());
+        if tx.send(Ok(newest)).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        tokio::select! {
+            received = rx.recv() => match received {
+                Ok(info) => {
+                    if run_id.as_deref().is_some_and(|r| r != info.run_id) {
+                        continue;
+                    }
+                    if sent_first.take().is_some_and(|id| id == info.checkpoint_id) {
+                        continue;
+                    }
+                    if tx.send(Ok(info)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    // Checkpoints are minutes apart; losing some means a stalled client. The
+                    // newest is what a follower wants anyway.
+                    tracing::warn!(missed = n, "checkpoint watcher fell behind");
+                    if let Some(newest) = catalog.newest(run_id.as_deref()) {
+                        if tx.send(Ok(newest)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            () = drained(&mut drain) => return,
+            () = tx.closed() => return,
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! What a user does with the trainer, over a real socket: upload a CSV, train a tiny model,
+//! follow every event, fetch a checkpoint, resume a run. The resume comparison needs this
+//! process to itself (libtorch's RNG is global), so this binary holds one training test.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use sha2::{Digest, Sha256};
+use synopsis_model::checkpoint::verify_checkpoint;
+use synopsis_proto::v1::{
+    train_event, FetchCheckpointRequest, ListCheckpointsRequest, RunState, TrainRequest,
+};
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn train_fetch_and_resume_a_tiny_model() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(root.path()).await;
+    let mut client = server.client().await;
+    let dataset_id = upload(&mut client, &corpus_csv()).await;
+
+    // An uninterrupted run of two epochs.
+    let stream = client
+        .train(tiny_request(&dataset_id, 2))
+        .await
+        .unwrap()
+        .into_inner();
+    let events = collect(stream).await;
+    let run_id = events[0].run_id.clone();
+    assert!(events.iter().all(|e| e.run_id == run_id));
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (0..events.len() as u64).collect::<Vec<_>>());
+    let kinds: Vec<&str> = events.iter().map(kind).collect();
+    assert_eq!(kinds[0], "started");
+    assert_eq!(*kinds.last().unwrap(), "finished");
+    // Per epoch: steps, then the epoch summary, then 3 samples, then its checkpoint.
+    let mut expected_tail = Vec::new();
+    for _ in 0..2 {
+        expected_tail.extend(["epoch", "sample", "sample", "sample", "checkpoint"]);
+    }
+    let non_steps: Vec<&str> = kinds[1..kinds.len() - 1]
+        .iter()
+        .copied()
+        .filter(|k| *k != "step")
+        .collect();
+    assert_eq!(non_steps, expected_tail, "{kinds:?}");
+    let first_epoch_end = kinds.iter().position(|k| *k == "epoch").unwrap();
+    assert_eq!(
+        kinds[first_epoch_end - 1],
+        "step",
+        "an epoch's last step is always sent"
+    );
+
+    let Some(train_event::Event::Started(started)) = &events[0].event else {
+        unreachable!()
+    };
+    assert_eq!(started.device, "cpu");
+    assert!(started.parameters > 0);
+    let stats = started.dataset.clone().unwrap();
+    assert_eq!(stats.rows_read, 40);
+    assert_eq!(stats.rows_kept, 40);
+    assert_eq!(stats.train_documents + stats.eval_documents, 40);
+    assert!(stats.eval_documents >= 1);
+    let resolved: serde_json::Value = serde_json::from_str(&started.resolved_config_json).unwrap();
+    assert_eq!(resolved["hyper"]["epochs"], 2);
+    assert_eq!(resolved["model"]["n_layer"], 2);
+    assert!(resolved["model"]["vocab_size"].as_i64().unwrap() <= 500);
+
+    let epoch_events = epochs(&events);
+    assert_eq!(epoch_events.len(), 2);
+    assert!(
+        epoch_events[1].val_loss < epoch_events[0].val_loss,
+        "validation loss did not decrease: {epoch_events:?}"
+    );
+    for e in &epoch_events {
+        assert!((e.val_perplexity - e.val_loss.exp()).abs() < 1e-6 * e.val_perplexity);
+        assert!(e.train_loss.is_finite());
+    }
+    let steps: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(train_event::Event::Step(s)) => Some(*s),
+            _ => None,
+        })
+        .collect();
+    assert!(steps.iter().all(|s| s.total_steps == started.total_steps));
+    assert_eq!(steps.last().unwrap().step, started.total_steps);
+    assert!(steps
+        .iter()
+        .all(|s| s.tokens_per_second > 0.0 && s.lr > 0.0));
+    let done = finished(&events);
+    assert_eq!(done.state(), RunState::Completed);
+
+    // Checkpoints on disk verify, and the catalog agrees.
+    let listed = client
+        .list_checkpoints(ListCheckpointsRequest {
+            run_id: run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoints;
+    assert_eq!(listed.len(), 2);
+    assert_eq!(done.last_checkpoint_id, listed[1].checkpoint_id);
+    for info in &listed {
+        let manifest =
+            verify_checkpoint(&checkpoint_dir(root.path(), &info.checkpoint_id)).unwrap();
+        assert_eq!(manifest.checkpoint_id, info.checkpoint_id);
+        for file in [
+            "model.safetensors",
+            "config.json",
+            "tokenizer.json",
+            "optimizer.safetensors",
+        ] {
+            assert!(manifest.files.contains_key(file), "{file} missing");
+        }
+        assert_eq!(info.reason, "epoch");
+    }
+    assert_eq!(listed[0].epoch, 1);
+    assert_eq!(listed[1].epoch, 2);
+    assert!(listed[0]
+        .checkpoint_id
+        .starts_with(&format!("{run_id}/epoch-0001-step-")));
+
+    // FetchCheckpoint: every file's hash matches the bytes received and the manifest.
+    let first = &listed[0];
+    let mut chunks = client
+        .fetch_checkpoint(FetchCheckpointRequest {
+            checkpoint_id: first.checkpoint_id.clone(),
+            skip_optimizer: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut hashes: BTreeMap<String, String> = BTreeMap::new();
+    let mut order = Vec::new();
+    let mut saw_info = false;
+    while let Some(chunk) = chunks.message().await.unwrap() {
+        if let Some(info) = &chunk.info {
+            assert!(!saw_info, "info is on the first chunk only");
+            assert_eq!(info, first);
+            saw_info = true;
+        }
+        assert!(chunk.data.len() <= 1 << 20);
+        let buf = files.entry(chunk.file.clone()).or_default();
+        assert_eq!(chunk.offset, buf.len() as u64);
+        buf.extend_from_slice(&chunk.data);
+        if !chunk.sha256.is_empty() {
+            assert_eq!(buf.len() as u64, chunk.file_size);
+            hashes.insert(chunk.file.clone(), chunk.sha256.clone());
+            order.push(chunk.file.clone());
+        }
+    }
+    assert!(saw_info);
+    assert_eq!(order.last().map(String::as_str), Some("manifest.json"));
+    let manifest = verify_checkpoint(&checkpoint_dir(root.path(), &first.checkpoint_id)).unwrap();
+    assert_eq!(files.len(), manifest.files.len() + 1);
+    for (name, bytes) in &files {
+        let actual = hex::encode(Sha256::digest(bytes));
+        assert_eq!(&actual, &hashes[name], "{name}");
+        if let Some(entry) = manifest.files.get(name) {
+            assert_eq!(actual, entry.sha256, "{name}");
+        }
+    }
+    assert_eq!(hashes["manifest.json"], first.sha256);
+
+    // skip_optimizer leaves the optimizer state out.
+    let mut chunks = client
+        .fetch_checkpoint(FetchCheckpointRequest {
+            checkpoint_id: first.checkpoint_id.clone(),
+            skip_optimizer: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(chunk) = chunks.message().await.unwrap() {
+        assert_ne!(chunk.file, "optimizer.safetensors");
+    }
+
+    // Resume from the epoch-1 checkpoint: the second epoch ends where the uninterrupted one did.
+    let resumed = collect(
+        client
+            .train(TrainRequest {
+                resume_from: first.checkpoint_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    assert_eq!(finished(&resumed).state(), RunState::Completed);
+    let Some(train_event::Event::Started(rs)) = &resumed[0].event else {
+        unreachable!()
+    };
+    assert_eq!(rs.start_step, first.step);
+    assert_eq!(rs.total_steps, started.total_steps);
+    let resumed_epochs = epochs(&resumed);
+    assert_eq!(resumed_epochs.len(), 1);
+    let (a, b) = (&epoch_events[1], &resumed_epochs[0]);
+    assert_eq!(b.epoch, 2);
+    let rel = |x: f64, y: f64| ((x - y) / y).abs();
+    assert!(
+        rel(b.val_loss, a.val_loss) < 1e-4,
+        "val {} vs {}",
+        b.val_loss,
+        a.val_loss
+    );
+    assert!(
+        rel(b.train_loss, a.train_loss) < 1e-4,
+        "train {} vs {}",
+        b.train_loss,
+        a.train_loss
+    );
+
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_cannot_work_are_invalid_arguments() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(root.path()).await;
+    let mut client = server.client().await;
+
+    // A CSV without any usable text column.
+    let bad = upload(&mut client, "id,score\n1,2\n3,4\n").await;
+    let err = client.train(tiny_request(&bad, 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("text column"), "{}", err.message());
+
+    // Every row dropped by cleaning.
+    let short = upload(&mut client, "Synopsis\nToo short.\nAlso short.\n").await;
+    let err = client.train(tiny_request(&short, 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // Malformed ids never reach the file system.
+    let mut req = tiny_request("../../etc/passwd", 1);
+    let err = client.train(req.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    req.data = None;
+    req.resume_from = "../x/y".into();
+    let err = client.train(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = client
+        .fetch_checkpoint(FetchCheckpointRequest {
+            checkpoint_id: "run-1/../../etc".into(),
+            skip_optimizer: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // A data_path without --data-root, and out-of-range hyper-parameters.
+    let good = upload(&mut client, &corpus_csv()).await;
+    let mut req = tiny_request(&good, 1);
+    req.data = Some(synopsis_proto::v1::train_request::Data::DataPath(
+        "x.csv".into(),
+    ));
+    let err = client.train(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let mut req = tiny_request(&good, 1);
+    req.hyper.as_mut().unwrap().learning_rate = -1.0;
+    let err = client.train(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("learning_rate"));
+    let mut req = tiny_request(&good, 1);
+    req.model.as_mut().unwrap().n_head = 3;
+    let err = client.train(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // Unknown ids are NOT_FOUND.
+    let unknown = "0".repeat(64);
+    let err = client.train(tiny_request(&unknown, 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    server.shutdown().await.unwrap();
+}
