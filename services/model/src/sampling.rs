@@ -7,6 +7,9 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::error::{ModelError, Result};
 
+/// How many of the most likely tokens are ordered first when looking for the top-p nucleus.
+const NUCLEUS_HEAD: usize = 256;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
     /// 0 = greedy (argmax); otherwise logits are divided by it.
@@ -170,12 +173,6 @@ impl Sampler {
                 .select_nth_unstable_by(top_k - 1, by_likelihood);
             self.candidates.truncate(top_k);
         }
-        let top_p = f64::from(self.params.top_p);
-        let nucleus = top_p < 1.0;
-        if nucleus {
-            self.candidates.sort_unstable_by(by_likelihood);
-        }
-
         let max = self
             .candidates
             .iter()
@@ -189,17 +186,37 @@ impl Sampler {
             };
         }
         let inv_temperature = 1.0 / f64::from(self.params.temperature);
+        let weight =
+            |i: u32| ((f64::from(logits[i as usize]) - f64::from(max)) * inv_temperature).exp();
+        // Mass of every candidate, so the nucleus can be cut before sorting everything.
+        let mut total: f64 = self.candidates.iter().map(|&i| weight(i)).sum();
+
+        let top_p = f64::from(self.params.top_p);
+        let nucleus = top_p < 1.0;
+        let threshold = top_p * total;
+        if nucleus {
+            // The nucleus of a trained model is usually a few dozen tokens: order the best
+            // NUCLEUS_HEAD first and sort the long tail only when they fall short of p.
+            let head = NUCLEUS_HEAD.min(self.candidates.len());
+            if head < self.candidates.len() {
+                self.candidates
+                    .select_nth_unstable_by(head - 1, by_likelihood);
+            }
+            let (best, rest) = self.candidates.split_at_mut(head);
+            best.sort_unstable_by(by_likelihood);
+            let head_mass: f64 = best.iter().map(|&i| weight(i)).sum();
+            if head_mass >= threshold {
+                self.candidates.truncate(head);
+            } else {
+                rest.sort_unstable_by(by_likelihood);
+            }
+        }
         self.weights.clear();
-        self.weights.extend(
-            self.candidates.iter().map(|&i| {
-                ((f64::from(logits[i as usize]) - f64::from(max)) * inv_temperature).exp()
-            }),
-        );
-        let mut total: f64 = self.weights.iter().sum();
+        self.weights
+            .extend(self.candidates.iter().map(|&i| weight(i)));
 
         if nucleus {
             // Smallest prefix whose mass reaches p; the first token always stays.
-            let threshold = top_p * total;
             let mut mass = 0.0;
             let mut keep = 0;
             for &w in &self.weights {

@@ -123,6 +123,69 @@ fn top_p_keeps_the_smallest_set_reaching_p() {
     assert_eq!(distinct(&draw(&tiny, 5, &logits, 200)), BTreeSet::from([0]));
 }
 
+/// The nucleus computed the obvious way: sort everything, keep the prefix reaching p.
+fn brute_force_nucleus(logits: &[f32], p: f64) -> Vec<(u32, f64)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (i as u32, f64::from(x - max).exp()))
+        .collect();
+    let total: f64 = probs.iter().map(|x| x.1).sum();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut mass = 0.0;
+    let keep = probs
+        .iter()
+        .position(|x| {
+            mass += x.1;
+            mass >= p * total
+        })
+        .map_or(probs.len(), |i| i + 1);
+    probs.truncate(keep);
+    let kept: f64 = probs.iter().map(|x| x.1).sum();
+    probs.into_iter().map(|(i, w)| (i, w / kept)).collect()
+}
+
+#[test]
+fn top_p_on_a_full_vocabulary_matches_the_brute_force_nucleus() {
+    // Flat: the nucleus holds thousands of tokens. Peaked: a handful.
+    let flat = vocab_logits(50_257);
+    let mut peaked = vec![-12.0f32; 50_257];
+    for (i, id) in [17usize, 4_000, 50_000, 123, 9].iter().enumerate() {
+        peaked[*id] = 6.0 - i as f32 * 0.5;
+    }
+    let cases = [
+        (&flat, 0.9, 1000..50_000),
+        (&peaked, 0.8, 2..5),
+        (&peaked, 0.999, 5..6),
+    ];
+    for (logits, p, expected_size) in cases {
+        let nucleus = brute_force_nucleus(logits, p);
+        assert!(expected_size.contains(&nucleus.len()), "{}", nucleus.len());
+        let params = SamplingParams {
+            top_p: p as f32,
+            ..SamplingParams::default()
+        };
+        let mut sampler = Sampler::new(params, 21);
+        for _ in 0..60 {
+            let s = sampler.sample(logits, &[]);
+            let Some(&(_, prob)) = nucleus.iter().find(|x| x.0 == s.token) else {
+                panic!(
+                    "token {} outside the nucleus of {} tokens",
+                    s.token,
+                    nucleus.len()
+                );
+            };
+            assert!(
+                (f64::from(s.logprob) - prob.ln()).abs() < 1e-4,
+                "{} vs {}",
+                s.logprob,
+                prob.ln()
+            );
+        }
+    }
+}
+
 #[test]
 fn logprob_is_under_the_tempered_distribution() {
     let probs = [0.6f32, 0.3, 0.1];
