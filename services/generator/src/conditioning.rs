@@ -4,7 +4,8 @@
 //! The template is stored by the trainer in the checkpoint manifest's metadata:
 //! `{"conditioning": {"columns": ["Genres", "Name"], "labels": ["Genres", "Title"],
 //! "text_label": "Synopsis"}}` (`labels` default to the column names, `text_label` to
-//! "Synopsis"). A training example then reads `Genres: …\nTitle: …\nSynopsis: <text>`.
+//! "Synopsis"). A training example then reads `Genres: …\nTitle: …\nSynopsis: <text>`,
+//! which is what the trainer's `ConditioningTemplate` writes.
 
 use std::collections::BTreeMap;
 
@@ -64,42 +65,90 @@ impl Conditioning {
     }
 }
 
-/// The text fed to the model: the header lines of the given conditions (in the template's
-/// order, missing ones omitted), then `<text_label>: <prompt>`. Keys that are not condition
-/// columns of the checkpoint are refused, naming `conditions.<key>`.
+/// Header names that mean the same thing in the corpora the trainer reads (the trainer's
+/// aliases, so a prompt may say "title" for a model trained on a `Name` column).
+const ALIASES: [(&[&str], &str); 2] = [
+    (&["name", "title"], "Title"),
+    (&["genres", "genders", "genre", "listed_in"], "Genres"),
+];
+
+impl Conditioning {
+    /// Which header line a request key fills: a column or label (any case), or an alias.
+    fn position_of(&self, key: &str) -> Option<usize> {
+        let key = key.trim();
+        let direct = self
+            .labels
+            .iter()
+            .zip(&self.columns)
+            .position(|(l, c)| l.eq_ignore_ascii_case(key) || c.eq_ignore_ascii_case(key));
+        direct.or_else(|| {
+            let (_, label) = ALIASES
+                .iter()
+                .find(|(names, _)| names.iter().any(|a| a.eq_ignore_ascii_case(key)))?;
+            self.labels.iter().position(|l| l == label)
+        })
+    }
+}
+
+/// The text fed to the model, exactly as the trainer renders a training document: one
+/// `<Label>: <value>` line per condition given (template order, whitespace collapsed, empty
+/// ones omitted), then `<text_label>: <prompt>`. A key that is not a condition column (or
+/// label, or alias) of the checkpoint is refused, naming `conditions.<key>`.
 pub fn render(
     template: Option<&Conditioning>,
     checkpoint_id: &str,
     prompt: &str,
     conditions: &BTreeMap<String, String>,
 ) -> Result<String, FieldError> {
-    let columns: &[String] = template.map(|t| t.columns.as_slice()).unwrap_or(&[]);
-    if let Some(key) = conditions.keys().find(|k| !columns.contains(k)) {
-        let known = if columns.is_empty() {
-            "it was trained without conditions".to_string()
-        } else {
-            format!("its columns are {}", columns.join(", "))
+    let unknown = |key: &str| {
+        let known = match template {
+            None => "it was trained without conditions".to_string(),
+            Some(t) => format!("its columns are {}", t.columns.join(", ")),
         };
-        return Err(FieldError::new(
+        FieldError::new(
             format!("conditions.{key}"),
             format!("is not a condition column of checkpoint {checkpoint_id} ({known})"),
-        ));
-    }
+        )
+    };
+    let prompt = prompt.trim_start();
     let Some(t) = template else {
+        if let Some(key) = conditions.keys().next() {
+            return Err(unknown(key));
+        }
         return Ok(if prompt.is_empty() {
             START_OF_DOCUMENT.to_string()
         } else {
             prompt.to_string()
         });
     };
-    let mut out = String::new();
-    for (column, label) in t.columns.iter().zip(&t.labels) {
-        if let Some(value) = conditions.get(column).filter(|v| !v.trim().is_empty()) {
-            out.push_str(label);
-            out.push_str(": ");
-            out.push_str(value.trim());
-            out.push('\n');
+    let mut by_position: Vec<Option<(&str, &str)>> = vec![None; t.labels.len()];
+    for (key, value) in conditions {
+        let position = t.position_of(key).ok_or_else(|| unknown(key))?;
+        if let Some((other, _)) = by_position[position] {
+            return Err(FieldError::new(
+                format!("conditions.{key}"),
+                format!(
+                    "fills the same line ({}) as conditions.{other}",
+                    t.labels[position]
+                ),
+            ));
         }
+        by_position[position] = Some((key, value));
+    }
+    let mut out = String::new();
+    for (label, given) in t.labels.iter().zip(by_position) {
+        let mut words = given.map(|(_, v)| v).unwrap_or("").split_whitespace();
+        let Some(first) = words.next() else {
+            continue;
+        };
+        out.push_str(label);
+        out.push_str(": ");
+        out.push_str(first);
+        for word in words {
+            out.push(' ');
+            out.push_str(word);
+        }
+        out.push('\n');
     }
     out.push_str(&t.text_label);
     out.push(':');
@@ -168,6 +217,29 @@ mod tests {
         assert_eq!(e.field, "conditions.Studio");
         let e = render(None, "ck", "p", &c).unwrap_err();
         assert!(e.message.starts_with("conditions.Studio "), "{}", e.message);
+    }
+
+    #[test]
+    fn keys_may_be_labels_any_case_or_aliases_and_values_are_collapsed() {
+        let t = genres_title();
+        let c: BTreeMap<_, _> = [
+            ("title".to_string(), " Steel\n  Sky ".to_string()),
+            ("GENDERS".to_string(), "Action,\tMecha".to_string()),
+        ]
+        .into();
+        let s = render(Some(&t), "ck", "  In 2087", &c).unwrap();
+        assert_eq!(
+            s,
+            "Genres: Action, Mecha\nTitle: Steel Sky\nSynopsis: In 2087"
+        );
+
+        let twice: BTreeMap<_, _> = [
+            ("Name".to_string(), "A".to_string()),
+            ("Title".to_string(), "B".to_string()),
+        ]
+        .into();
+        let e = render(Some(&t), "ck", "", &twice).unwrap_err();
+        assert_eq!(e.field, "conditions.Title");
     }
 
     #[test]

@@ -14,8 +14,9 @@
 //! - `stop`: at most the server's count, each non-empty and at most the length limit.
 //! - `prompt`: at most the character limit. A prompt whose tokens plus `max_new_tokens` do not
 //!   fit the model's context is refused by the engine, again naming `prompt`.
-//! - `conditions`: values without line breaks, within the prompt limit; keys are checked against
-//!   the checkpoint's condition columns once the checkpoint is known (see `conditioning`).
+//! - `conditions`: values within the prompt limit (whitespace, line breaks included, is
+//!   collapsed as in training); keys are checked against the checkpoint's condition columns
+//!   once the checkpoint is known (see `conditioning`).
 
 use std::collections::BTreeMap;
 
@@ -150,9 +151,6 @@ pub fn validate(
         let field = format!("conditions.{key}");
         if key.trim().is_empty() {
             return Err(FieldError::new(field, "has an empty column name"));
-        }
-        if value.contains(['\n', '\r']) {
-            return Err(FieldError::new(field, "must not contain a line break"));
         }
         let len = value.chars().count();
         if len > limits.max_prompt_chars as usize {
@@ -348,7 +346,7 @@ mod tests {
             ),
             (
                 pb::GenerateRequest {
-                    conditions: [("Genres".to_string(), "a\nb".to_string())].into(),
+                    conditions: [("Genres".to_string(), "a".repeat(8001))].into(),
                     ..Default::default()
                 },
                 "conditions.Genres",

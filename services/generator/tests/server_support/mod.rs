@@ -42,6 +42,17 @@ pub fn write_tiny_checkpoint(
     step: u64,
     metadata: serde_json::Value,
 ) {
+    write_tiny_checkpoint_with(dir, checkpoint_id, step, metadata, &[]);
+}
+
+/// [`write_tiny_checkpoint`] with extra files (e.g. an `optimizer.safetensors`).
+pub fn write_tiny_checkpoint_with(
+    dir: &Path,
+    checkpoint_id: &str,
+    step: u64,
+    metadata: serde_json::Value,
+    extra: &[(&str, &[u8])],
+) {
     let config = tiny_config();
     let model = Gpt2::new(&config, tch::Device::Cpu);
     let mut manifest = Manifest::new(checkpoint_id, "run-test", 1, step, "epoch");
@@ -49,6 +60,10 @@ pub fn write_tiny_checkpoint(
     manifest.metadata = metadata;
     write_checkpoint(dir, manifest, |tmp| {
         config.save(&tmp.join("config.json"))?;
+        for (name, bytes) in extra {
+            std::fs::write(tmp.join(name), bytes)
+                .map_err(|e| synopsis_model::ModelError::io(tmp.join(name), e))?;
+        }
         std::fs::copy(tokenizer_json(), tmp.join("tokenizer.json"))
             .map_err(|e| synopsis_model::ModelError::io(tmp.join("tokenizer.json"), e))?;
         model.save_safetensors(&tmp.join("model.safetensors"))
