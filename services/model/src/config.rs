@@ -146,7 +146,8 @@ impl Gpt2Config {
     pub fn num_parameters(&self) -> i64 {
         let d = self.n_embd;
         let inner = self.inner_dim();
-        let per_layer = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * inner + inner) + (inner * d + d);
+        let per_layer =
+            2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * inner + inner) + (inner * d + d);
         self.vocab_size * d + self.n_positions * d + self.n_layer * per_layer + 2 * d
     }
 }

@@ -13,9 +13,9 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         "cuda" | "gpu" => require_cuda(0),
         other => match other.strip_prefix("cuda:") {
             Some(index) => {
-                let index: usize = index
-                    .parse()
-                    .map_err(|_| ModelError::Invalid(format!("bad device {spec:?}: expected cuda:N")))?;
+                let index: usize = index.parse().map_err(|_| {
+                    ModelError::Invalid(format!("bad device {spec:?}: expected cuda:N"))
+                })?;
                 require_cuda(index)
             }
             None => Err(ModelError::Invalid(format!(

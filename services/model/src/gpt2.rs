@@ -122,10 +122,9 @@ impl Gpt2 {
         let t = input_ids.size()[1];
         let positions = Tensor::arange(t, (Kind::Int64, input_ids.device())).unsqueeze(0);
         let x = self.embed(input_ids, &positions, train);
-        let x = self
-            .blocks
-            .iter()
-            .fold(x, |x, block| block.forward(&x, AttentionMask::Causal, None, train));
+        let x = self.blocks.iter().fold(x, |x, block| {
+            block.forward(&x, AttentionMask::Causal, None, train)
+        });
         self.head(&self.ln_f.forward(&x))
     }
 
@@ -136,7 +135,13 @@ impl Gpt2 {
         logits
             .view([-1, vocab])
             .to_kind(Kind::Float)
-            .cross_entropy_loss::<Tensor>(&targets.view([-1]), None, tch::Reduction::Mean, -100, 0.0)
+            .cross_entropy_loss::<Tensor>(
+                &targets.view([-1]),
+                None,
+                tch::Reduction::Mean,
+                -100,
+                0.0,
+            )
     }
 
     /// An empty cache for `batch` rows with room for `capacity` slots (it grows if needed).
@@ -177,7 +182,12 @@ impl Gpt2 {
         }
     }
 
-    fn forward_cached_hidden(&self, input_ids: &Tensor, mask: &Tensor, cache: &mut KvCache) -> Tensor {
+    fn forward_cached_hidden(
+        &self,
+        input_ids: &Tensor,
+        mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Tensor {
         let (b, t) = input_ids.size2().unwrap_or((0, 0));
         let device = input_ids.device();
         let mask = mask.to_kind(Kind::Bool).to_device(device);
@@ -193,8 +203,8 @@ impl Gpt2 {
         let query_slots = (Tensor::arange(t, (Kind::Int64, device)) + start).unsqueeze(1);
         let causal = key_slots.le_tensor(&query_slots); // [T, total]
         let valid = cache.valid.narrow(1, 0, total).unsqueeze(1); // [B, 1, total]
-        // A padding query may have nothing valid to look at; letting every query see its own
-        // slot keeps softmax finite, and padding outputs are never used.
+                                                                  // A padding query may have nothing valid to look at; letting every query see its own
+                                                                  // slot keeps softmax finite, and padding outputs are never used.
         let own = key_slots.eq_tensor(&query_slots);
         let allowed = (causal.unsqueeze(0).logical_and(&valid)).logical_or(&own.unsqueeze(0));
         let allowed = allowed.unsqueeze(1).expand([b, 1, t, total], false);
@@ -207,7 +217,9 @@ impl Gpt2 {
                 false,
             )
         });
-        cache.positions += mask.to_kind(Kind::Int64).sum_dim_intlist(1, false, Kind::Int64);
+        cache.positions += mask
+            .to_kind(Kind::Int64)
+            .sum_dim_intlist(1, false, Kind::Int64);
         cache.len = total;
         self.ln_f.forward(&x)
     }

@@ -10,10 +10,20 @@ use tch::{Device, Kind, Tensor};
 fn hf_random_gpt2_matches_reference_logits() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().to_str().unwrap();
-    hf_interop(&["make-reference", out, shared_data("gpt2_tokenizer").to_str().unwrap()]);
+    hf_interop(&[
+        "make-reference",
+        out,
+        shared_data("gpt2_tokenizer").to_str().unwrap(),
+    ]);
 
     let config = Gpt2Config::from_file(&dir.path().join("config.json")).unwrap();
-    let model = Gpt2::load(&config, &dir.path().join("model.safetensors"), Device::Cpu, WeightDtype::F32).unwrap();
+    let model = Gpt2::load(
+        &config,
+        &dir.path().join("model.safetensors"),
+        Device::Cpu,
+        WeightDtype::F32,
+    )
+    .unwrap();
     let reference = dir.path().join("reference.safetensors");
     for i in 0..2 {
         let ids = read_tensor(&reference, &format!("ids_{i}")).to_kind(Kind::Int64);
@@ -28,7 +38,13 @@ fn hf_random_gpt2_matches_reference_logits() {
 fn shared_fake_gpt2_fixture_loads_and_runs() {
     let dir = shared_data("gpt2_fixtures/fake_gpt2");
     let config = Gpt2Config::from_file(&dir.join("config.json")).unwrap();
-    let model = Gpt2::load(&config, &dir.join("model.safetensors"), Device::Cpu, WeightDtype::F32).unwrap();
+    let model = Gpt2::load(
+        &config,
+        &dir.join("model.safetensors"),
+        Device::Cpu,
+        WeightDtype::F32,
+    )
+    .unwrap();
     let ids = Tensor::from_slice(&[15496i64, 995]).unsqueeze(0);
     let logits = tch::no_grad(|| model.forward(&ids, false));
     assert_eq!(logits.size(), vec![1, 2, 50257]);
@@ -40,8 +56,15 @@ fn unprefixed_tensor_names_load() {
     // tiny_gpt2 was saved as a bare GPT2Model: `wte.weight`, `h.0.*`, no `transformer.` prefix.
     let dir = shared_data("gpt2_fixtures/tiny_gpt2");
     let config = Gpt2Config::from_file(&dir.join("config.json")).unwrap();
-    let model = Gpt2::load(&config, &dir.join("model.safetensors"), Device::Cpu, WeightDtype::F32).unwrap();
-    let logits = tch::no_grad(|| model.forward(&Tensor::from_slice(&[1i64, 2, 3]).unsqueeze(0), false));
+    let model = Gpt2::load(
+        &config,
+        &dir.join("model.safetensors"),
+        Device::Cpu,
+        WeightDtype::F32,
+    )
+    .unwrap();
+    let logits =
+        tch::no_grad(|| model.forward(&Tensor::from_slice(&[1i64, 2, 3]).unsqueeze(0), false));
     assert_eq!(logits.size(), vec![1, 3, 21]);
 }
 
@@ -54,13 +77,24 @@ fn rust_saved_model_loads_in_transformers_with_same_logits_and_greedy_text() {
     config.n_head = 4;
     tch::manual_seed(7);
     let model = Gpt2::new(&config, Device::Cpu);
-    model.save_safetensors(&dir.path().join("model.safetensors")).unwrap();
+    model
+        .save_safetensors(&dir.path().join("model.safetensors"))
+        .unwrap();
     config.save(&dir.path().join("config.json")).unwrap();
-    std::fs::copy(shared_data("gpt2_tokenizer/tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        shared_data("gpt2_tokenizer/tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
 
     let report = dir.path().join("hf.json");
-    hf_interop(&["check-ours", dir.path().to_str().unwrap(), report.to_str().unwrap()]);
-    let records: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    hf_interop(&[
+        "check-ours",
+        dir.path().to_str().unwrap(),
+        report.to_str().unwrap(),
+    ]);
+    let records: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     for record in records.as_array().unwrap() {
         let ids: Vec<i64> = serde_json::from_value(record["ids"].clone()).unwrap();
         let hf_last: Vec<f32> = serde_json::from_value(record["last_logits"].clone()).unwrap();
@@ -81,6 +115,10 @@ fn rust_saved_model_loads_in_transformers_with_same_logits_and_greedy_text() {
             ours.push(token);
             next = Tensor::from_slice(&[token]).unsqueeze(0);
         }
-        assert_eq!(ours, hf_greedy, "greedy continuation of {}", record["prompt"]);
+        assert_eq!(
+            ours, hf_greedy,
+            "greedy continuation of {}",
+            record["prompt"]
+        );
     }
 }

@@ -34,8 +34,12 @@ fn decoding_64_tokens_with_left_padded_batch_matches_full_forward() {
         let mut mask = Vec::new();
         for p in &prompts {
             let pad = width - p.len();
-            ids.extend(std::iter::repeat(0).take(pad).chain(p.iter().copied()));
-            mask.extend(std::iter::repeat(false).take(pad).chain(std::iter::repeat(true).take(p.len())));
+            ids.extend(std::iter::repeat_n(0, pad).chain(p.iter().copied()));
+            mask.extend(
+                std::iter::repeat(false)
+                    .take(pad)
+                    .chain(std::iter::repeat(true).take(p.len())),
+            );
         }
         let b = prompts.len() as i64;
         let ids_t = Tensor::from_slice(&ids).view([b, width as i64]);
@@ -56,7 +60,10 @@ fn decoding_64_tokens_with_left_padded_batch_matches_full_forward() {
             let ones = Tensor::ones([b, 1], (Kind::Bool, Device::Cpu));
             logits = model.forward_cached_last(&next, &ones, &mut cache);
         }
-        assert_eq!(cache.positions(), seqs.iter().map(|s| s.len() as i64).collect::<Vec<_>>());
+        assert_eq!(
+            cache.positions(),
+            seqs.iter().map(|s| s.len() as i64).collect::<Vec<_>>()
+        );
     });
 }
 
@@ -68,15 +75,27 @@ fn rows_can_join_and_leave_a_running_batch() {
         // Row A decodes alone for a while.
         let mut a = vec![3i64, 4, 5, 6, 7, 8];
         let mut cache_a = model.new_cache(1, 4);
-        let mut la = model.forward_cached_last(&Tensor::from_slice(&a).unsqueeze(0), &ones(1, 6), &mut cache_a);
+        let mut la = model.forward_cached_last(
+            &Tensor::from_slice(&a).unsqueeze(0),
+            &ones(1, 6),
+            &mut cache_a,
+        );
         for _ in 0..5 {
             a.push(la.get(0).argmax(-1, false).int64_value(&[]));
-            la = model.forward_cached_last(&Tensor::from_slice(&a[a.len() - 1..]).unsqueeze(0), &ones(1, 1), &mut cache_a);
+            la = model.forward_cached_last(
+                &Tensor::from_slice(&a[a.len() - 1..]).unsqueeze(0),
+                &ones(1, 1),
+                &mut cache_a,
+            );
         }
         // Row B is prefilled on its own, then merged in.
         let mut b = vec![50i64, 60];
         let mut cache_b = model.new_cache(1, 2);
-        let lb = model.forward_cached_last(&Tensor::from_slice(&b).unsqueeze(0), &ones(1, 2), &mut cache_b);
+        let lb = model.forward_cached_last(
+            &Tensor::from_slice(&b).unsqueeze(0),
+            &ones(1, 2),
+            &mut cache_b,
+        );
         let mut cache = KvCache::merge(&cache_a, &cache_b);
         let mut logits = Tensor::cat(&[la, lb], 0);
         for step in 0..10 {
@@ -97,8 +116,16 @@ fn rows_can_join_and_leave_a_running_batch() {
             let diff = max_diff(&lb.get(0), &expected);
             assert!(diff < 1e-4, "after leave step {step}: diff {diff}");
             b.push(lb.get(0).argmax(-1, false).int64_value(&[]));
-            lb = model.forward_cached_last(&Tensor::from_slice(&b[b.len() - 1..]).unsqueeze(0), &ones(1, 1), &mut cache);
+            lb = model.forward_cached_last(
+                &Tensor::from_slice(&b[b.len() - 1..]).unsqueeze(0),
+                &ones(1, 1),
+                &mut cache,
+            );
         }
-        assert_eq!(cache.len(), b.len() as i64, "leading padding of the departed row was trimmed");
+        assert_eq!(
+            cache.len(),
+            b.len() as i64,
+            "leading padding of the departed row was trimmed"
+        );
     });
 }
