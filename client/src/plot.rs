@@ -85,14 +85,22 @@ pub async fn plot(servers: &Servers, args: &PlotArgs, json: bool) -> anyhow::Res
         }))?;
     } else {
         println!(
-            "wrote {}: {} steps, {} validation points, {} checkpoints",
+            "wrote {}: {}, {}, {}",
             args.out.display(),
-            curves.train.len(),
-            curves.validation.len(),
-            curves.checkpoints.len()
+            count(curves.train.len(), "step"),
+            count(curves.validation.len(), "validation point"),
+            count(curves.checkpoints.len(), "checkpoint")
         );
     }
     Ok(())
+}
+
+fn count(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
 }
 
 /// Replays the run from its first event until it finished, or until the replay of a running
@@ -240,7 +248,8 @@ fn draw<DB: DrawingBackend>(
             });
         }
     }
-    if !curves.train.is_empty() {
+    let smoothed = smooth(&curves.train);
+    if smoothed != curves.train {
         chart
             .draw_series(LineSeries::new(
                 curves.train.iter().copied(),
@@ -250,12 +259,16 @@ fn draw<DB: DrawingBackend>(
             .label("training loss")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], TRAIN_RAW.stroke_width(3)));
         chart
-            .draw_series(LineSeries::new(
-                smooth(&curves.train),
-                TRAIN_SMOOTH.stroke_width(2),
-            ))
+            .draw_series(LineSeries::new(smoothed, TRAIN_SMOOTH.stroke_width(2)))
             .map_err(fail)?
             .label("training loss (smoothed)")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], TRAIN_SMOOTH.stroke_width(2)));
+    } else if !curves.train.is_empty() {
+        // Too few steps to smooth: the raw curve is the trend.
+        chart
+            .draw_series(LineSeries::new(smoothed, TRAIN_SMOOTH.stroke_width(2)))
+            .map_err(fail)?
+            .label("training loss")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], TRAIN_SMOOTH.stroke_width(2)));
     }
     if !curves.validation.is_empty() {
@@ -295,7 +308,9 @@ fn ranges(curves: &LossCurves) -> (std::ops::Range<f64>, std::ops::Range<f64>) {
         .map(|p| p.0)
         .chain(curves.checkpoints.iter().copied());
     let x_min = xs.clone().fold(f64::INFINITY, f64::min).min(0.0);
-    let x_max = xs.fold(f64::NEG_INFINITY, f64::max).max(x_min + 1.0);
+    let x_last = xs.fold(f64::NEG_INFINITY, f64::max).max(x_min + 1.0);
+    // A little room on the right, so the last point and checkpoint are not drawn on the frame.
+    let x_max = x_last + (x_last - x_min) * 0.02;
     let y_min = points.clone().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let y_max = points.map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
     let (y_min, y_max) = if y_min.is_finite() && y_max.is_finite() {

@@ -88,7 +88,9 @@ impl RunView {
                 } else {
                     format!("{}{}", s.prompt, s.text)
                 };
-                self.say(&format!("  sample: {}", text.trim()));
+                // One line per sample: generated newlines would break the log's layout.
+                let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+                self.say(&format!("  sample: {text}"));
             }
             Some(train_event::Event::Checkpoint(c)) => self.say(&format!(
                 "checkpoint {} written (epoch {}, step {}, validation loss {}, {}{})",
@@ -106,7 +108,8 @@ impl RunView {
             Some(train_event::Event::Finished(f)) => {
                 self.close_bar();
                 let mut line = format!("run {} {}", event.run_id, output::run_state_name(f.state));
-                if !f.message.is_empty() {
+                // The trainer may repeat the state as the message; say it once.
+                if !f.message.is_empty() && f.message != output::run_state_name(f.state) {
                     line.push_str(&format!(": {}", f.message));
                 }
                 if !f.last_checkpoint_id.is_empty() {

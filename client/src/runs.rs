@@ -62,7 +62,10 @@ pub async fn list_runs(servers: &Servers, json: bool) -> anyhow::Result<()> {
         ],
         &rows,
     );
-    for r in runs.iter().filter(|r| !r.message.is_empty()) {
+    let news = |r: &&synopsis_proto::v1::RunSummary| {
+        !r.message.is_empty() && r.message != run_state_name(r.state)
+    };
+    for r in runs.iter().filter(news) {
         println!("{}: {}", r.run_id, r.message);
     }
     Ok(())
