@@ -23,5 +23,12 @@ test: build
 demo:
 	scripts/demo.sh
 
+# Benchmarks against the Python references (release: the per-token Rust work of decoding must be
+# optimised to be measured fairly). Prints tables; see services/bench.
+bench: build
+	$(CARGO) build --release -p synopsis-bench -p synopsis-generator --bins
+	$(CARGO) run --release -p synopsis-bench --bin bench-train
+	$(CARGO) run --release -p synopsis-bench --bin bench-generate
+
 fmt:
 	$(CARGO) fmt --all

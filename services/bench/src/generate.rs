@@ -1,0 +1,428 @@
+//! `bench-generate`: decoding speed of the generator against Hugging Face `generate()` (KV
+//! cache, sampling) on the same weights and the same torch, in one run:
+//! - one stream through the engine (the product path: `spawn_engine` + `submit`) on a GPT-2
+//!   small config and on the 4 × 256 model, beside the memory-bandwidth bound;
+//! - through the gRPC server: 16 concurrent streams against one, and time to first token;
+//! - resident memory of a generator process serving GPT-2 small, against the weights' bytes.
+//!
+//! The weights are random (a fresh `Gpt2::new`), which costs decoding nothing: speed depends on
+//! the shapes only.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use synopsis_generator::engine::{
+    spawn_engine, EngineConfig, EngineHandle, EngineMetrics, EngineRequest, ResidentModel, SeqEvent,
+};
+use synopsis_model::{load_model_dir, Gpt2, Gpt2Config, SamplingParams, Tokenizer, WeightDtype};
+use synopsis_proto::v1::CheckpointInfo;
+use tch::Device;
+
+use crate::machine;
+use crate::reference::{self, GenerateReference};
+use crate::report::{self, mib, num, Table};
+use crate::server;
+
+/// Benchmark the generator against Hugging Face `generate()`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "bench-generate")]
+pub struct Args {
+    /// Directory holding `gpt2_tokenizer/`.
+    #[arg(long, env = "SYNOPSIS_BENCH_DATA_ROOT", default_value = crate::DEFAULT_DATA_ROOT)]
+    pub data_root: PathBuf,
+    #[arg(long, default_value = "gpt2_tokenizer")]
+    pub tokenizer: String,
+    #[arg(long, default_value_t = 32)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: u32,
+    /// Timed runs per one-stream figure (the best is kept, as the reference does).
+    #[arg(long, default_value_t = 2)]
+    pub runs: usize,
+    /// Concurrent streams through the server.
+    #[arg(long, default_value_t = 16)]
+    pub streams: usize,
+    /// The `synopsis-generator` binary measured for resident memory (default: beside this one).
+    #[arg(long)]
+    pub generator_bin: Option<PathBuf>,
+    #[arg(long, default_value_t = crate::DEFAULT_THREADS)]
+    pub threads: i32,
+}
+
+/// A model written as a plain Hugging Face directory.
+struct ModelDir {
+    id: &'static str,
+    dir: PathBuf,
+    weight_bytes: f64,
+}
+
+pub async fn run(args: &Args) -> anyhow::Result<()> {
+    tch::set_num_threads(args.threads);
+    let tmp = tempfile::tempdir().context("temporary model directory")?;
+    let tokenizer_dir = args.data_root.join(&args.tokenizer);
+    let tokenizer = Tokenizer::from_dir(&tokenizer_dir)
+        .with_context(|| format!("tokenizer {}", tokenizer_dir.display()))?;
+    let (prompt, prompt_ids) = prompt_of(&tokenizer, args.prompt_tokens)?;
+    println!(
+        "bench-generate: {}-token prompt, {} new tokens, sampling (temperature 1, no top-k/top-p), \
+         {} torch threads",
+        prompt_ids.len(),
+        args.new_tokens,
+        args.threads
+    );
+    tch::manual_seed(0);
+    let small = write_model_dir(tmp.path(), "small", &tokenizer)?;
+    let tiny = write_model_dir(tmp.path(), "tiny", &tokenizer)?;
+    let copy_bw = machine::copy_bandwidth(256 << 20, 5);
+
+    // The engine, as the server drives it.
+    let rss_before = machine::rss_bytes(None)? as f64;
+    let engine = spawn_engine(EngineConfig::new(
+        Device::Cpu,
+        EngineMetrics::new(&prometheus::Registry::new())?,
+    ))?;
+    install(&engine, &small).await?;
+    let rss_loaded = machine::rss_bytes(None)? as f64;
+    install(&engine, &tiny).await?;
+    let ours_small = engine_tokens_per_second(&engine, small.id, &prompt, args).await?;
+    eprintln!("engine, small: {} tokens/s", num(ours_small));
+    let ours_tiny = engine_tokens_per_second(&engine, tiny.id, &prompt, args).await?;
+    eprintln!("engine, tiny: {} tokens/s", num(ours_tiny));
+    engine.shutdown();
+
+    let hf_small = hf(&small, &prompt_ids, args)?;
+    eprintln!("HF, small: {} tokens/s", num(hf_small.tokens_per_second));
+    let hf_tiny = hf(&tiny, &prompt_ids, args)?;
+    eprintln!("HF, tiny: {} tokens/s", num(hf_tiny.tokens_per_second));
+
+    let srv = server::measure(&small.dir, &prompt, args.new_tokens, args.streams).await?;
+    eprintln!(
+        "server: one stream {} tokens/s, {} streams {} tokens/s",
+        num(srv.one_stream),
+        args.streams,
+        num(srv.concurrent)
+    );
+    let bin = args.generator_bin.clone().or_else(|| {
+        let exe = std::env::current_exe().ok()?;
+        Some(exe.parent()?.join("synopsis-generator"))
+    });
+    let process = match bin.filter(|b| b.is_file()) {
+        Some(bin) => match server::process_memory(&bin, &small.dir, &prompt, args.new_tokens).await
+        {
+            Ok(m) => Some((bin, m)),
+            Err(e) => {
+                eprintln!("generator process memory not measured: {e:#}");
+                None
+            }
+        },
+        None => {
+            eprintln!(
+                "generator process memory not measured: no synopsis-generator binary beside this \
+                 one (build it, or pass --generator-bin)"
+            );
+            None
+        }
+    };
+
+    // Tables.
+    let bound = copy_bw / small.weight_bytes;
+    let mut t = Table::new(
+        &format!(
+            "Decoding: {} new tokens after a {}-token prompt, one stream unless said (tokens/s)",
+            args.new_tokens,
+            prompt_ids.len()
+        ),
+        &["figure", "ours", "reference", "ours ÷ reference", "target"],
+    );
+    t.row([
+        "GPT-2 small config (124M), engine vs HF generate()".to_string(),
+        num(ours_small),
+        num(hf_small.tokens_per_second),
+        report::ratio(ours_small, hf_small.tokens_per_second),
+        report::verdict_at_least(ours_small, hf_small.tokens_per_second, 1.5),
+    ]);
+    t.row([
+        format!(
+            "GPT-2 small vs bandwidth bound ({} weights / {} GB/s copy)",
+            mib(small.weight_bytes),
+            num(copy_bw / 1e9)
+        ),
+        num(ours_small),
+        num(bound),
+        format!(
+            "{:.0}% (HF {:.0}%)",
+            100.0 * ours_small / bound,
+            100.0 * hf_small.tokens_per_second / bound
+        ),
+        "-".into(),
+    ]);
+    t.row([
+        "4 × 256 model (16.3M), engine vs HF generate()".to_string(),
+        num(ours_tiny),
+        num(hf_tiny.tokens_per_second),
+        report::ratio(ours_tiny, hf_tiny.tokens_per_second),
+        report::verdict_at_least(ours_tiny, hf_tiny.tokens_per_second, 4.0),
+    ]);
+    t.row([
+        format!(
+            "GPT-2 small, {} concurrent streams through the server (aggregate) vs one",
+            args.streams
+        ),
+        num(srv.concurrent),
+        num(srv.one_stream),
+        report::ratio(srv.concurrent, srv.one_stream),
+        report::verdict_at_least(srv.concurrent, srv.one_stream, 6.0),
+    ]);
+    t.row([
+        "GPT-2 small, one stream: through the server vs the engine directly".to_string(),
+        num(srv.one_stream),
+        num(ours_small),
+        report::ratio(srv.one_stream, ours_small),
+        "-".into(),
+    ]);
+    t.print();
+
+    let mut l = Table::new(
+        &format!(
+            "Latency, GPT-2 small, {}-token prompt (ms, median of 3; lower is better)",
+            prompt_ids.len()
+        ),
+        &["figure", "ours", "reference", "ours ÷ reference", "target"],
+    );
+    l.row([
+        "time to first token through the server (client side) vs HF generate(max_new_tokens=1)"
+            .to_string(),
+        num(srv.first_token_ms),
+        num(hf_small.first_token_seconds * 1e3),
+        report::ratio(srv.first_token_ms, hf_small.first_token_seconds * 1e3),
+        "-".into(),
+    ]);
+    l.row([
+        "time to first token as the engine reports it (submission → first token)".to_string(),
+        num(srv.engine_first_token_ms),
+        num(hf_small.first_token_seconds * 1e3),
+        report::ratio(
+            srv.engine_first_token_ms,
+            hf_small.first_token_seconds * 1e3,
+        ),
+        "-".into(),
+    ]);
+    l.print();
+
+    let w = small.weight_bytes;
+    let mut m = Table::new(
+        &format!(
+            "Resident memory with GPT-2 small loaded (weights: {} f32)",
+            mib(w)
+        ),
+        &["figure", "ours", "weights", "ours ÷ weights", "target"],
+    );
+    match &process {
+        Some((bin, p)) => {
+            m.row([
+                format!("generator process VmRSS, model loaded ({})", bin.display()),
+                mib(p.loaded),
+                mib(w),
+                report::ratio(p.loaded, w),
+                report::verdict_at_most(p.loaded, w, 1.5),
+            ]);
+            m.row([
+                "  same, after one generation".to_string(),
+                mib(p.after_generate),
+                mib(w),
+                report::ratio(p.after_generate, w),
+                report::verdict_at_most(p.after_generate, w, 1.5),
+            ]);
+            m.row([
+                format!(
+                    "  same, minus a generator process with no model ({})",
+                    mib(p.baseline)
+                ),
+                mib(p.after_generate - p.baseline),
+                mib(w),
+                report::ratio(p.after_generate - p.baseline, w),
+                report::verdict_at_most(p.after_generate - p.baseline, w, 1.5),
+            ]);
+            m.row([
+                "  same, after one generation, glibc mmap threshold pinned (diagnostic)"
+                    .to_string(),
+                mib(p.pinned_threshold),
+                mib(w),
+                report::ratio(p.pinned_threshold, w),
+                report::verdict_at_most(p.pinned_threshold, w, 1.5),
+            ]);
+            m.row([
+                "  peak (VmHWM) of that process".to_string(),
+                mib(p.peak),
+                mib(w),
+                report::ratio(p.peak, w),
+                "-".into(),
+            ]);
+        }
+        None => m.row([
+            "generator process: not measured (see above)",
+            "",
+            "",
+            "",
+            "",
+        ]),
+    }
+    m.row([
+        "this bench process: RSS after load and install − before".to_string(),
+        mib(rss_loaded - rss_before),
+        mib(w),
+        report::ratio(rss_loaded - rss_before, w),
+        report::verdict_at_most(rss_loaded - rss_before, w, 1.5),
+    ]);
+    m.row([
+        format!(
+            "reference: HF process RSS after generating − before loading ({} after from_pretrained)",
+            mib(hf_small.loaded_rss_bytes - hf_small.base_rss_bytes)
+        ),
+        mib(hf_small.final_rss_bytes - hf_small.base_rss_bytes),
+        mib(w),
+        report::ratio(hf_small.final_rss_bytes - hf_small.base_rss_bytes, w),
+        "-".into(),
+    ]);
+    m.row([
+        "reference: HF process peak RSS (torch + transformers included)".to_string(),
+        mib(hf_small.max_rss_bytes),
+        mib(w),
+        report::ratio(hf_small.max_rss_bytes, w),
+        "-".into(),
+    ]);
+    m.print();
+    Ok(())
+}
+
+/// A prompt whose tokenization is exactly `n` tokens (so both sides prefill the same ids).
+fn prompt_of(tok: &Tokenizer, n: usize) -> anyhow::Result<(String, Vec<u32>)> {
+    const TEXT: &str = "In the year 2071, humanity has colonized several of the planets and moons \
+        of the solar system leaving the now uninhabitable surface of planet Earth behind. The Inter \
+        Solar System Police attempts to keep peace in the galaxy, aided in part by outlaw bounty \
+        hunters, referred to as Cowboys. The ragtag team aboard the spaceship Bebop are two such \
+        individuals, and the pair makes a living chasing bounties and collecting rewards.";
+    let ids = tok.encode(TEXT)?;
+    for len in n..=ids.len() {
+        let text = tok.decode(&ids[..len])?;
+        let again = tok.encode(&text)?;
+        if again.len() == n {
+            return Ok((text, again));
+        }
+    }
+    bail!("cannot build a {n}-token prompt")
+}
+
+/// Writes a randomly initialised preset as model.safetensors + config.json + tokenizer.json.
+fn write_model_dir(root: &Path, preset: &'static str, tok: &Tokenizer) -> anyhow::Result<ModelDir> {
+    let dir = root.join(preset);
+    std::fs::create_dir_all(&dir)?;
+    let mut config = Gpt2Config::preset(preset)?;
+    config.vocab_size = tok.vocab_size() as i64;
+    let model = Gpt2::new(&config, Device::Cpu);
+    model.save_safetensors(&dir.join("model.safetensors"))?;
+    config.save(&dir.join("config.json"))?;
+    tok.save(dir.join("tokenizer.json"))?;
+    let weight_bytes = model
+        .var_store()
+        .variables()
+        .values()
+        .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as f64)
+        .sum();
+    Ok(ModelDir {
+        id: preset,
+        dir,
+        weight_bytes,
+    })
+}
+
+async fn install(engine: &EngineHandle, model: &ModelDir) -> anyhow::Result<()> {
+    let loaded = load_model_dir(&model.dir, Device::Cpu, WeightDtype::F32)
+        .with_context(|| format!("loading {}", model.dir.display()))?;
+    let resident = ResidentModel {
+        checkpoint_id: model.id.to_string(),
+        loaded,
+        source: model.dir.display().to_string(),
+        info: CheckpointInfo {
+            checkpoint_id: model.id.to_string(),
+            ..Default::default()
+        },
+    };
+    engine
+        .install(resident, true)
+        .await
+        .map_err(|e| anyhow::anyhow!("installing {}: {e}", model.id))
+}
+
+/// Best tokens/s of `args.runs` one-stream generations on resident model `id`, after a short
+/// warm-up generation.
+async fn engine_tokens_per_second(
+    engine: &EngineHandle,
+    id: &str,
+    prompt: &str,
+    args: &Args,
+) -> anyhow::Result<f64> {
+    engine_once(engine, id, prompt, 4, 0).await?;
+    let mut rates = Vec::new();
+    for run in 0..args.runs.max(1) {
+        let (tokens, seconds) =
+            engine_once(engine, id, prompt, args.new_tokens, run as u64 + 1).await?;
+        rates.push(f64::from(tokens) / seconds);
+    }
+    Ok(report::best(&rates))
+}
+
+/// One request through the engine: (generated tokens, seconds from submission to the end).
+async fn engine_once(
+    engine: &EngineHandle,
+    id: &str,
+    prompt: &str,
+    max_new_tokens: u32,
+    seed: u64,
+) -> anyhow::Result<(u32, f64)> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let request = EngineRequest {
+        request_id: format!("bench-{id}-{seed}"),
+        checkpoint_id: Some(id.to_string()),
+        prompt: prompt.to_string(),
+        n: 1,
+        max_new_tokens,
+        sampling: SamplingParams::default(),
+        seed,
+        stop: Vec::new(),
+        deadline: None,
+        events: tx,
+    };
+    let start = Instant::now();
+    engine.submit(request).await?;
+    while let Some(event) = rx.recv().await {
+        match event {
+            SeqEvent::Finished {
+                generated_tokens, ..
+            } => return Ok((generated_tokens, start.elapsed().as_secs_f64())),
+            SeqEvent::DeadlineExceeded => bail!("deadline exceeded"),
+            SeqEvent::Token { .. } => {}
+        }
+    }
+    bail!("the engine closed the stream before finishing")
+}
+
+fn hf(model: &ModelDir, prompt_ids: &[u32], args: &Args) -> anyhow::Result<GenerateReference> {
+    let ids: Vec<String> = prompt_ids.iter().map(u32::to_string).collect();
+    let argv = [
+        "--model".to_string(),
+        model.dir.display().to_string(),
+        "--prompt-ids".into(),
+        ids.join(","),
+        "--new-tokens".into(),
+        args.new_tokens.to_string(),
+        "--runs".into(),
+        args.runs.to_string(),
+        "--threads".into(),
+        args.threads.to_string(),
+    ];
+    reference::run("generate_reference.py", &argv)
+        .with_context(|| format!("the HF reference on {}", model.id))
+}

@@ -1,0 +1,69 @@
+//! What this machine can do, measured in the same run as the benchmark it qualifies: float32
+//! GEMM FLOP/s (the ceiling of training), copy bandwidth (the ceiling of one-stream decoding,
+//! which reads every weight once per token) and a process's resident memory.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use tch::{Device, Kind, Tensor};
+
+/// FLOP/s of an `n × n × n` float32 matmul with libtorch (best of `reps` after a warm-up).
+pub fn gemm_flops(n: i64, reps: usize) -> f64 {
+    let _guard = tch::no_grad_guard();
+    let a = Tensor::randn([n, n], (Kind::Float, Device::Cpu));
+    let b = Tensor::randn([n, n], (Kind::Float, Device::Cpu));
+    let mut out = Tensor::empty([n, n], (Kind::Float, Device::Cpu));
+    let _ = a.mm_out(&mut out, &b);
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        let _ = a.mm_out(&mut out, &b);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    2.0 * (n as f64).powi(3) / best
+}
+
+/// Bytes copied per second by a `bytes`-sized float32 tensor copy (best of `reps`). This is the
+/// rate at which a decoding step can stream weights it reads once each.
+pub fn copy_bandwidth(bytes: usize, reps: usize) -> f64 {
+    let _guard = tch::no_grad_guard();
+    let numel = (bytes / 4) as i64;
+    let src = Tensor::ones([numel], (Kind::Float, Device::Cpu));
+    let mut dst = Tensor::zeros([numel], (Kind::Float, Device::Cpu));
+    dst.copy_(&src);
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        dst.copy_(&src);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    (numel * 4) as f64 / best
+}
+
+/// Resident memory (VmRSS) of process `pid`, or of this process for `None`.
+pub fn rss_bytes(pid: Option<u32>) -> anyhow::Result<u64> {
+    status_field(pid, "VmRSS:")
+}
+
+/// Peak resident memory (VmHWM) of process `pid`, or of this process for `None`.
+pub fn peak_rss_bytes(pid: Option<u32>) -> anyhow::Result<u64> {
+    status_field(pid, "VmHWM:")
+}
+
+fn status_field(pid: Option<u32>, field: &str) -> anyhow::Result<u64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".to_string(),
+    };
+    let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .with_context(|| format!("{path} has no {field}"))?;
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("unreadable {line:?} in {path}"))?;
+    Ok(kib * 1024)
+}

@@ -1,0 +1,265 @@
+//! `bench-train`: real (non-padding) tokens per second of the trainer's training step against
+//! the original project's pipeline (HF model, every synopsis padded to 256) and a lean packed
+//! PyTorch loop, on the same model shape, the same data and the same torch, in one run.
+//!
+//! Ours goes through the trainer's own code: `train::prepare` (CSV cleaning, GPT-2 tokenizer,
+//! model and AdamW exactly as a Train request resolves them), then each step is the loop's
+//! step rebuilt from the pieces the trainer exports (its step function is private): a packed
+//! batch, the dropout seed, `Gpt2::loss`, backward, clipping and AdamW at the schedule's rate.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use synopsis_proto::v1::{train_request, HyperParams, ModelSpec, TrainRequest};
+use synopsis_trainer::checkpoints::Catalog;
+use synopsis_trainer::data::DatasetStore;
+use synopsis_trainer::layout::Layout;
+use synopsis_trainer::train::batches::Packed;
+use synopsis_trainer::train::schedule::LinearSchedule;
+use synopsis_trainer::train::{prepare, step_seed, Env};
+use tch::Device;
+
+use crate::machine;
+use crate::reference::{self, TrainReference};
+use crate::report::{self, num, Table};
+
+/// Benchmark the trainer's training step against the Python references.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "bench-train")]
+pub struct Args {
+    /// Directory holding `anime/anime_synopses_clean.csv` and `gpt2_tokenizer/`.
+    #[arg(long, env = "SYNOPSIS_BENCH_DATA_ROOT", default_value = crate::DEFAULT_DATA_ROOT)]
+    pub data_root: PathBuf,
+    /// CSV under the data root.
+    #[arg(long, default_value = "anime/anime_synopses_clean.csv")]
+    pub data: String,
+    /// Tokenizer directory under the data root.
+    #[arg(long, default_value = "gpt2_tokenizer")]
+    pub tokenizer: String,
+    /// Timed steps per pipeline.
+    #[arg(long, default_value_t = 4)]
+    pub steps: u32,
+    /// Untimed steps first (allocator and kernel warm-up).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: u32,
+    #[arg(long, default_value_t = 8)]
+    pub batch: u32,
+    #[arg(long, default_value_t = 256)]
+    pub seq: u32,
+    #[arg(long, default_value_t = crate::DEFAULT_THREADS)]
+    pub threads: i32,
+}
+
+/// Model shape of the benchmark (the trainer's `tiny` preset, the original project's model).
+const LAYERS: u32 = 4;
+const WIDTH: u32 = 256;
+const HEADS: u32 = 4;
+
+/// Throughput of our step and what it trained.
+struct Ours {
+    tokens_per_second: f64,
+    seconds_per_step: f64,
+    loss: f64,
+    parameters: i64,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    tch::set_num_threads(args.threads);
+    println!(
+        "bench-train: {LAYERS} layers × {WIDTH} wide × {HEADS} heads, GPT-2 vocabulary, batch {} × {}, \
+         {} timed steps after {} warm-up, {} torch threads",
+        args.batch, args.seq, args.steps, args.warmup, args.threads
+    );
+    let gemm = machine::gemm_flops(1024, 5);
+    let ours = ours(args).context("our training step")?;
+    eprintln!("ours: {} tokens/s", num(ours.tokens_per_second));
+    let original = python(args, "original")?;
+    eprintln!(
+        "original: {} tokens/s",
+        num(original.real_tokens_per_second)
+    );
+    let packed = python(args, "packed")?;
+    eprintln!("packed: {} tokens/s", num(packed.real_tokens_per_second));
+
+    let mut table = Table::new(
+        "Training throughput (real = non-padding target tokens)",
+        &[
+            "pipeline",
+            "real tokens/s",
+            "s/step",
+            "loss",
+            "ours ÷ this",
+            "target",
+        ],
+    );
+    table.row([
+        "ours: trainer step (packed, AdamW, clip, schedule)".to_string(),
+        num(ours.tokens_per_second),
+        num(ours.seconds_per_step),
+        num(ours.loss),
+        "1.00×".into(),
+        String::new(),
+    ]);
+    let refs = [
+        (
+            "original: HF GPT2LMHeadModel, padded to 256",
+            &original,
+            1.5,
+        ),
+        (
+            "lean packed PyTorch loop (HF model, no padding)",
+            &packed,
+            1.0,
+        ),
+    ];
+    for (name, r, target) in refs {
+        table.row([
+            name.to_string(),
+            num(r.real_tokens_per_second),
+            num(r.seconds_per_step),
+            num(r.loss),
+            report::ratio(ours.tokens_per_second, r.real_tokens_per_second),
+            report::verdict_at_least(ours.tokens_per_second, r.real_tokens_per_second, target),
+        ]);
+    }
+    table.print();
+
+    // Model FLOPs per trained token (PaLM appendix B): 6·N for the matmuls of forward and
+    // backward (N counts the tied embedding once: it is the LM head's matmul), plus 12·L·T·d
+    // for attention scores and values over the T-long context.
+    let n = ours.parameters as f64;
+    let attention = 12.0 * f64::from(LAYERS) * f64::from(args.seq) * f64::from(WIDTH);
+    let per_token = 6.0 * n + attention;
+    let mut flops = Table::new(
+        &format!(
+            "Model FLOP/s = (6·N + 12·L·T·d) × real tokens/s, N = {} parameters, L = {LAYERS}, T = {}, d = {WIDTH} \
+             ({} MFLOP per token); measured float32 GEMM 1024³: {} GFLOP/s",
+            num(n / 1e6) + "M",
+            args.seq,
+            num(per_token / 1e6),
+            num(gemm / 1e9)
+        ),
+        &["pipeline", "model GFLOP/s", "of measured GEMM"],
+    );
+    for (name, tps) in [
+        ("ours", ours.tokens_per_second),
+        ("original", original.real_tokens_per_second),
+        ("packed PyTorch loop", packed.real_tokens_per_second),
+    ] {
+        let f = per_token * tps;
+        flops.row([
+            name.to_string(),
+            num(f / 1e9),
+            format!("{:.0}%", 100.0 * f / gemm),
+        ]);
+    }
+    flops.print();
+    Ok(())
+}
+
+fn ours(args: &Args) -> anyhow::Result<Ours> {
+    let root = tempfile::tempdir().context("temporary trainer root")?;
+    let layout = Layout::new(root.path());
+    layout.create().context("trainer root")?;
+    let catalog = Catalog::load(&layout)?;
+    let env = Env {
+        datasets: DatasetStore::new(&root.path().join("datasets"))?,
+        data_root: Some(args.data_root.clone()),
+        models_root: Some(args.data_root.clone()),
+        device: Device::Cpu,
+    };
+    let total = args.steps + args.warmup;
+    let request = TrainRequest {
+        data: Some(train_request::Data::DataPath(args.data.clone())),
+        text_column: "Synopsis".into(),
+        tokenizer: args.tokenizer.clone(),
+        model: Some(ModelSpec {
+            preset: "tiny".into(),
+            n_layer: LAYERS,
+            n_embd: WIDTH,
+            n_head: HEADS,
+            ..Default::default()
+        }),
+        hyper: Some(HyperParams {
+            epochs: 1,
+            max_steps: u64::from(total),
+            batch_size: args.batch,
+            seq_len: args.seq,
+            ..Default::default()
+        }),
+        run_name: "bench".into(),
+        ..Default::default()
+    };
+    let plan = prepare(&request, &env, &catalog).context("resolving the Train request")?;
+    let hyper = plan.config.hyper.clone();
+    let model = plan.model;
+    let mut optimizer = plan.optimizer;
+    let seq_len = hyper.seq_len as usize;
+    let batch = hyper.batch_size as usize;
+    let packed = Packed::epoch(&plan.train_docs, seq_len, hyper.seed, 0);
+    anyhow::ensure!(
+        packed.windows() >= total as usize * batch,
+        "the corpus holds only {} windows",
+        packed.windows()
+    );
+    let schedule = LinearSchedule {
+        peak: hyper.learning_rate,
+        warmup_steps: u64::from(hyper.warmup_steps),
+        total_steps: u64::from(total),
+    };
+    let clip = (hyper.grad_clip > 0.0).then_some(hyper.grad_clip);
+    let (mut elapsed, mut tokens, mut loss) = (0.0, 0usize, f64::NAN);
+    for step in 0..u64::from(total) {
+        let start = Instant::now();
+        let b = packed.batch(step as usize * batch, batch, Device::Cpu)?;
+        tch::manual_seed(step_seed(hyper.seed, step));
+        optimizer.zero_grad();
+        let l = model.loss(&b.inputs, &b.targets, true);
+        l.f_backward()?;
+        loss = f64::try_from(&l)?;
+        optimizer.unscale_and_clip(1.0, clip)?;
+        optimizer.step(schedule.lr(step))?;
+        if step >= u64::from(args.warmup) {
+            elapsed += start.elapsed().as_secs_f64();
+            tokens += b.tokens;
+        }
+    }
+    Ok(Ours {
+        tokens_per_second: tokens as f64 / elapsed,
+        seconds_per_step: elapsed / f64::from(args.steps.max(1)),
+        loss,
+        parameters: model.config().num_parameters(),
+    })
+}
+
+fn python(args: &Args, mode: &str) -> anyhow::Result<TrainReference> {
+    let data = args.data_root.join(&args.data);
+    let tokenizer = args.data_root.join(&args.tokenizer);
+    let argv = [
+        "--mode".to_string(),
+        mode.to_string(),
+        "--data".into(),
+        data.display().to_string(),
+        "--tokenizer".into(),
+        tokenizer.display().to_string(),
+        "--layers".into(),
+        LAYERS.to_string(),
+        "--width".into(),
+        WIDTH.to_string(),
+        "--heads".into(),
+        HEADS.to_string(),
+        "--batch".into(),
+        args.batch.to_string(),
+        "--seq".into(),
+        args.seq.to_string(),
+        "--steps".into(),
+        args.steps.to_string(),
+        "--warmup-steps".into(),
+        args.warmup.to_string(),
+        "--threads".into(),
+        args.threads.to_string(),
+    ];
+    reference::run("train_reference.py", &argv).with_context(|| format!("the {mode} reference"))
+}
