@@ -150,9 +150,9 @@ impl Servers {
 
     /// Turns a failed call into the error a person should see.
     pub fn status_error(&self, service: Service, status: Status) -> CliError {
-        // A status the client made up from a broken connection carries the transport error as
-        // its source; one the server sent does not.
-        if status.code() == Code::Unavailable && std::error::Error::source(&status).is_some() {
+        // A status the client made up from a broken connection (refused, reset, closed mid
+        // stream) carries the transport error as its source; one the server sent does not.
+        if std::error::Error::source(&status).is_some() {
             return CliError::ConnectionLost {
                 service,
                 url: self.url(service).to_string(),

@@ -33,7 +33,7 @@ fn events_of(run_id: &str) -> Option<Vec<TrainEvent>> {
     match run_id {
         "run-7" => Some(run_events("run-7", Some(RunState::Completed))),
         "broken" => Some(run_events("broken", Some(RunState::Failed))),
-        "live" => Some(run_events("live", None)),
+        "live" | "cut" => Some(run_events(run_id, None)),
         _ => None,
     }
 }
@@ -100,6 +100,14 @@ impl Trainer for FakeTrainer {
         let events = events_of(&req.run_id)
             .ok_or_else(|| Status::not_found(format!("run_id: no run {}", req.run_id)))?;
         let from = req.from_seq;
+        if req.run_id == "cut" {
+            // The trainer went away: the stream ends without a finished event.
+            let mut events = run_events("cut", None);
+            events.truncate(3);
+            return Ok(Response::new(Box::pin(tokio_stream::iter(
+                events.into_iter().map(Ok),
+            ))));
+        }
         Ok(Response::new(stream_of(
             events.into_iter().filter(|e| e.seq >= from).collect(),
         )))
@@ -401,5 +409,21 @@ async fn runs_checkpoints_and_stop() {
         ),
         "{}",
         stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn a_stream_that_ends_early_exits_4_and_says_how_to_reattach() {
+    let (_, url) = trainer().await;
+    let out = run(&["--trainer", &url, "watch", "cut"]).await;
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("the event stream ended before the run finished"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("synopsis --trainer {url} watch cut --from 3")),
+        "{err}"
     );
 }
