@@ -27,7 +27,10 @@ fn manifests_validate_and_pass_checkov() {
             "{rendered} was not checked:\n{stdout}"
         );
     }
-    assert!(stdout.contains("kubernetes-validate 1.30.0: all objects valid"), "{stdout}");
+    assert!(
+        stdout.contains("kubernetes-validate 1.30.0: all objects valid"),
+        "{stdout}"
+    );
     assert!(stdout.contains("checkov deploy/Dockerfile"), "{stdout}");
     assert!(stdout.contains("deploy check passed"), "{stdout}");
 }
