@@ -139,6 +139,12 @@ mod tests {
     }
 
     #[test]
+    fn flags_do_not_clash() {
+        use clap::CommandFactory;
+        Config::command().debug_assert();
+    }
+
+    #[test]
     fn default_length_never_exceeds_the_cap() {
         let c = Config::from_args(["--max-new-tokens-cap", "16"]).unwrap();
         assert_eq!(c.limits().default_max_new_tokens, 16);

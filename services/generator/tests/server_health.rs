@@ -105,3 +105,121 @@ async fn drain_refuses_new_work_and_lets_streams_finish() {
     assert_eq!(rest.finished.len(), 4);
     server.join().await.expect("clean exit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_outlives_the_drain_grace_does_not_keep_the_server_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ck");
+    write_tiny_checkpoint(&ckpt, "ck-1", 1, serde_json::Value::Null);
+    let mut server =
+        TestServer::start(&["--model", ckpt.to_str().unwrap(), "--drain-grace-secs", "1"]).await;
+    server
+        .wait_for_info("the model", |i| !i.live_checkpoint_id.is_empty())
+        .await;
+
+    // A reader that never reads past `started` cannot finish its stream.
+    let stalled = server
+        .endpoint()
+        .initial_stream_window_size(256)
+        .initial_connection_window_size(256)
+        .connect()
+        .await
+        .unwrap();
+    let mut stalled = GeneratorClient::new(stalled);
+    let mut req = request("Once upon a time", 100);
+    req.n = 4;
+    let mut stream = stalled.generate(req).await.expect("accepted").into_inner();
+    stream
+        .message()
+        .await
+        .expect("first message")
+        .expect("started");
+
+    server.signal_shutdown();
+    server.join().await.expect("serve returns after the grace");
+    let rest = collect(stream).await;
+    assert!(rest.finished.len() < 4, "the stalled stream was cut");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_a_plain_hugging_face_directory_and_reports_metrics() {
+    // A Hugging Face GPT-2 directory: no manifest.
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ck");
+    write_tiny_checkpoint(&ckpt, "ignored", 1, serde_json::Value::Null);
+    let plain = dir.path().join("plain-gpt2");
+    std::fs::create_dir(&plain).unwrap();
+    for file in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(ckpt.join(file), plain.join(file)).unwrap();
+    }
+
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_addr = reserved.local_addr().unwrap();
+    drop(reserved);
+    let metrics_flag = metrics_addr.to_string();
+    let server = TestServer::start(&[
+        "--model",
+        plain.to_str().unwrap(),
+        "--metrics-listen",
+        &metrics_flag,
+    ])
+    .await;
+    let info = server
+        .wait_for_info("the model", |i| !i.live_checkpoint_id.is_empty())
+        .await;
+    assert!(
+        info.live_checkpoint_id.starts_with("plain-gpt2@"),
+        "{}",
+        info.live_checkpoint_id
+    );
+
+    let mut client = server.client().await;
+    let ok = generate(&mut client, request("Hello", 4))
+        .await
+        .expect("generate");
+    assert!(ok.error.is_none(), "{:?}", ok.error);
+    let bad = client.generate(request("Hello", 100_000)).await;
+    assert_eq!(bad.expect_err("too long").code(), Code::InvalidArgument);
+
+    let text = http_get(metrics_addr, "/metrics").await;
+    assert!(
+        text.contains("synopsis_generator_requests_total{outcome=\"ok\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("synopsis_generator_requests_total{outcome=\"invalid_argument\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("synopsis_generator_swaps_total 1"), "{text}");
+    assert!(
+        text.contains("synopsis_generator_tokens_generated_total"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_only_health_is_open() {
+    let server = TestServer::start(&["--auth-token", "s3cret"]).await;
+    assert_eq!(server.health("").await, ServingStatus::NotServing);
+    let mut client = server.client().await;
+    let status = client
+        .model_info(pb::ModelInfoRequest {})
+        .await
+        .expect_err("no token");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let mut req = tonic::Request::new(pb::ModelInfoRequest {});
+    req.metadata_mut()
+        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    client.model_info(req).await.expect("with the token");
+}
+
+/// A bare HTTP/1.1 GET, enough for the metrics endpoint.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.expect("metrics");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut body = String::new();
+    socket.read_to_string(&mut body).await.unwrap();
+    body
+}
