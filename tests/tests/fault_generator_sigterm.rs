@@ -1,0 +1,115 @@
+//! SIGTERM while the generator streams: health turns NOT_SERVING, new requests are refused
+//! with UNAVAILABLE, the streams in flight run to their end within the grace period, and the
+//! process exits 0.
+
+mod e2e;
+
+use std::time::Duration;
+
+use e2e::{expect_code, Generator, LONG};
+use synopsis_proto::v1 as pb;
+use synopsis_tests::health_status;
+use tonic::transport::Endpoint;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const STREAMS: usize = 8;
+const TOKENS: u32 = 60;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_streams_in_flight_and_refuses_new_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (trainer, checkpoint) = e2e::trained(dir.path()).await;
+    let model = e2e::checkpoint_dir(&trainer.root, &checkpoint.checkpoint_id);
+    drop(trainer);
+    let generator = Generator::start(&[
+        "--model".into(),
+        model.display().to_string(),
+        "--drain-grace-secs".into(),
+        "60".into(),
+    ])
+    .await;
+    let client = generator.client().await;
+
+    // Readers that take their time, so the streams are still open when the signal comes.
+    let (first_token_tx, mut first_token_rx) = tokio::sync::mpsc::channel(STREAMS);
+    let mut readers = Vec::new();
+    for i in 0..STREAMS {
+        let mut client = client.clone();
+        let first_token = first_token_tx.clone();
+        readers.push(tokio::spawn(async move {
+            let mut request = e2e::generate_request(TOKENS);
+            request.sampling = Some(pb::SamplingParams {
+                temperature: 1.0,
+                seed: Some(i as u64),
+                ..Default::default()
+            });
+            let mut stream = client.generate(request).await?.into_inner();
+            let mut finished = None;
+            let mut tokens = 0;
+            while let Some(response) = stream.message().await? {
+                match response.event {
+                    Some(pb::generate_response::Event::Token(_)) => {
+                        tokens += 1;
+                        if tokens == 1 {
+                            let _ = first_token.send(()).await;
+                        }
+                        tokio::time::sleep(Duration::from_millis(40)).await;
+                    }
+                    Some(pb::generate_response::Event::Finished(f)) => finished = Some(f),
+                    _ => {}
+                }
+            }
+            Ok::<_, tonic::Status>((tokens, finished))
+        }));
+    }
+    for _ in 0..STREAMS {
+        first_token_rx.recv().await.expect("every stream started");
+    }
+
+    generator.process.sigterm();
+    let endpoint = Endpoint::from_shared(generator.url()).unwrap();
+    e2e::eventually(LONG, "health NOT_SERVING", || {
+        let endpoint = endpoint.clone();
+        async move {
+            matches!(health_status(endpoint).await, Ok(ServingStatus::NotServing)).then_some(())
+        }
+    })
+    .await;
+    let refused = client.clone().generate(e2e::generate_request(4)).await;
+    expect_code(
+        refused.map(|_| ()),
+        tonic::Code::Unavailable,
+        "generate while draining",
+    );
+    let info = client.clone().model_info(pb::ModelInfoRequest {}).await;
+    if let Ok(info) = info {
+        assert_eq!(info.into_inner().state, pb::ServingState::Draining as i32);
+    }
+
+    for reader in readers {
+        let (tokens, finished) = reader.await.unwrap().expect("stream in flight completes");
+        let finished = finished.expect("finished event");
+        assert!(
+            finished.reason == pb::FinishReason::Length as i32
+                || finished.reason == pb::FinishReason::Eos as i32,
+            "{finished:?}"
+        );
+        assert_eq!(finished.generated_tokens as usize, tokens);
+        if finished.reason == pb::FinishReason::Length as i32 {
+            assert_eq!(tokens, TOKENS as usize);
+        }
+    }
+    let status = tokio::task::spawn_blocking(move || {
+        let status = generator.process.wait_exit(LONG);
+        (status, generator)
+    })
+    .await
+    .unwrap();
+    let (status, generator) = status;
+    let status = status.expect("generator exits after draining");
+    assert!(
+        status.success(),
+        "exit {status}: {}",
+        generator.process.log_tail()
+    );
+}
