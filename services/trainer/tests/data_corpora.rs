@@ -14,7 +14,11 @@ fn data_file(rel: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
     let path = dir.join(rel);
-    assert!(path.is_file(), "{} not found (set SYNOPSIS_DATA_DIR)", path.display());
+    assert!(
+        path.is_file(),
+        "{} not found (set SYNOPSIS_DATA_DIR)",
+        path.display()
+    );
     Some(path)
 }
 
