@@ -12,6 +12,7 @@ use synopsis_generator::engine::{
     SeqEvent, SubmitError,
 };
 use synopsis_model::checkpoint::LoadedModel;
+use synopsis_model::generate::generate_tokens;
 use synopsis_model::incremental::IncrementalDecoder;
 use synopsis_model::sampling::{Sampler, SamplingParams};
 use synopsis_model::tokenizer::Tokenizer;
@@ -266,6 +267,13 @@ async fn seeded_sampling_gives_the_same_text_alone_and_inside_a_busy_batch() {
     let (ref_ids, ref_text) = reference(&model, prompt, 32, sampled(), 42);
     assert_eq!(alone.ids(0), ref_ids);
     assert_eq!(alone.text(0), ref_text);
+    let single =
+        generate_tokens(&model, &tokenizer(), prompt, 32, &sampled(), 42).expect("generate");
+    assert_eq!(
+        alone.text(0),
+        single.text,
+        "the model crate's own generation loop agrees"
+    );
 
     // The same request among 8 others (different prompts, lengths and seeds), plus one with
     // n = 3 whose sequence i must equal a lone request with seed 42 + i.

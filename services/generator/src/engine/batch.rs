@@ -86,6 +86,7 @@ impl Batch {
         let mut cache = model.new_cache(rows as i64, (width + max_new as usize) as i64);
         let logits = model.forward_cached_last(&ids, &mask, &mut cache);
         let vocab = copy_logits(&logits, ctx.logits);
+        let usable = tok.vocab_size();
 
         let now = Instant::now();
         let mut expand = Vec::new();
@@ -103,7 +104,7 @@ impl Batch {
                     &p.prompt,
                     p.max_new_tokens,
                 );
-                let sampled = seq.sample(&ctx.logits[row * vocab..(row + 1) * vocab]);
+                let sampled = seq.sample(row_logits(ctx.logits, row, vocab, usable));
                 if accept(ctx, tok, &mut seq, sampled, now) {
                     expand.push(row as i64);
                     seqs.push(seq);
@@ -150,6 +151,7 @@ impl Batch {
         let mask = Tensor::ones([rows, 1], (Kind::Bool, device));
         let logits = model.forward_cached_last(&ids, &mask, cache);
         let vocab = copy_logits(&logits, ctx.logits);
+        let usable = tok.vocab_size();
         ctx.metrics
             .decode_step_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -160,7 +162,7 @@ impl Batch {
             if aborted(ctx, seq) {
                 continue;
             }
-            let sampled = seq.sample(&ctx.logits[row * vocab..(row + 1) * vocab]);
+            let sampled = seq.sample(row_logits(ctx.logits, row, vocab, usable));
             if accept(ctx, tok, seq, sampled, now) {
                 keep.push(row as i64);
             }
@@ -241,6 +243,14 @@ fn accept(
         }
         None => true,
     }
+}
+
+/// The logits of one row over the ids the tokenizer knows: a model whose embedding table is
+/// padded past the vocabulary must never produce an id without text (the same rule as
+/// `synopsis_model::generate`, so both sample from the same distribution).
+fn row_logits(logits: &[f32], row: usize, vocab: usize, usable: usize) -> &[f32] {
+    let start = row * vocab;
+    &logits[start..start + vocab.min(usable)]
 }
 
 /// Copies `[rows, vocab]` logits into the host buffer as f32; returns `vocab`.
