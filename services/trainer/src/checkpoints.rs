@@ -1,9 +1,11 @@
 //! The catalog of complete checkpoints under `checkpoints/<run_id>/<name>/`: what ListCheckpoints
 //! answers, what WatchCheckpoints announces, and the retention policy of a run.
 //!
-//! At startup every directory is verified (manifest present, every file's size and sha256):
-//! a directory that does not verify is not a checkpoint, and a temp directory left by a killed
-//! writer is removed.
+//! At startup a directory counts when it is complete (manifest present, every file it lists
+//! there with its size): hashing every checkpoint of a large root would take minutes. Hashes
+//! are checked where bytes are used: FetchCheckpoint hashes what it sends, a resume verifies
+//! its checkpoint, and the generator verifies before loading. A temp directory left by a
+//! killed writer is removed.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -81,7 +83,7 @@ pub fn info_of(dir: &std::path::Path, manifest: &Manifest) -> Result<CheckpointI
 }
 
 impl Catalog {
-    /// Scans and verifies every checkpoint under `checkpoints/` (blocking: it hashes files).
+    /// Scans every complete checkpoint under `checkpoints/` (blocking).
     pub fn load(layout: &Layout) -> Result<Self> {
         let root = layout.checkpoints_dir();
         let mut entries = BTreeMap::new();
@@ -105,7 +107,11 @@ impl Catalog {
                     continue;
                 }
                 let expected_id = format!("{run_id}/{name}");
-                match checkpoint::verify_checkpoint(&dir) {
+                if !checkpoint::is_complete_checkpoint(&dir) {
+                    tracing::warn!(dir = %dir.display(), "not a complete checkpoint; ignored");
+                    continue;
+                }
+                match Manifest::read(&dir) {
                     Ok(manifest) if manifest.checkpoint_id == expected_id => {
                         let info = info_of(&dir, &manifest)?;
                         entries.insert(
@@ -125,7 +131,7 @@ impl Catalog {
                     Err(e) => tracing::warn!(
                         dir = %dir.display(),
                         error = %e,
-                        "not a complete checkpoint; ignored"
+                        "unreadable manifest; ignored"
                     ),
                 }
             }
@@ -228,4 +234,68 @@ fn remove_checkpoint_dir(dir: &std::path::Path) -> std::io::Result<()> {
     let doomed = dir.with_file_name(format!("{}deleting-{name}", checkpoint::TEMP_PREFIX));
     std::fs::rename(dir, &doomed)?;
     std::fs::remove_dir_all(&doomed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(layout: &Layout, run: &str, step: u64, val_loss: Option<f64>) {
+        let name = ids::checkpoint_name(0, step);
+        let mut manifest = Manifest::new(format!("{run}/{name}"), run, 0, step, REASON_EPOCH);
+        manifest.val_loss = val_loss;
+        checkpoint::write_checkpoint(&layout.checkpoint_dir(run, &name), manifest, |dir| {
+            std::fs::write(dir.join("model.safetensors"), step.to_le_bytes())
+                .map_err(|e| synopsis_model::ModelError::io(dir, e))
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn loads_complete_checkpoints_only_and_keeps_the_last_n_plus_the_best() {
+        let root = tempfile::tempdir().unwrap();
+        let layout = Layout::new(root.path());
+        layout.create().unwrap();
+        let run = "run-20261129-000000-0001";
+        for (step, loss) in [(1, 3.0), (2, 1.0), (3, 2.5), (4, 2.7), (5, 2.9)] {
+            write(&layout, run, step, Some(loss));
+        }
+        write(&layout, "run-20261129-000000-0002", 1, None);
+        // Leftovers a killed writer could leave: a temp dir and a directory without manifest.
+        std::fs::create_dir_all(layout.checkpoints_dir().join(run).join(".tmp-x-1-2")).unwrap();
+        std::fs::create_dir_all(layout.checkpoint_dir(run, "epoch-0009-step-000009")).unwrap();
+
+        let catalog = Catalog::load(&layout).unwrap();
+        assert_eq!(catalog.list(Some(run)).len(), 5);
+        assert_eq!(catalog.list(None).len(), 6);
+        assert!(!layout
+            .checkpoints_dir()
+            .join(run)
+            .join(".tmp-x-1-2")
+            .exists());
+
+        let removed = catalog.retain(run, 2);
+        let steps: Vec<u64> = catalog.list(Some(run)).iter().map(|c| c.step).collect();
+        assert_eq!(
+            steps,
+            vec![2, 4, 5],
+            "the last two and the best (step 2) stay"
+        );
+        assert_eq!(removed.len(), 2);
+        for id in &removed {
+            let (r, name) = id.split_once('/').unwrap();
+            assert!(!layout.checkpoint_dir(r, name).exists());
+        }
+        // The other run is untouched, and a reload sees the same.
+        assert_eq!(Catalog::load(&layout).unwrap().list(None).len(), 4);
+
+        let info = catalog
+            .get("id", &format!("{run}/epoch-0000-step-000002"))
+            .unwrap()
+            .info;
+        assert_eq!(info.val_loss, 1.0);
+        assert_eq!(info.sha256.len(), 64);
+        assert!(info.size_bytes > 8);
+        assert!(catalog.get("id", "run-x/nope").is_err());
+    }
 }

@@ -65,6 +65,28 @@ impl Drop for SlotGuard<'_> {
     }
 }
 
+/// Deletes the temporary files of uploads a killed process left behind (an upload in
+/// progress is never visible as a dataset: it only becomes `<sha256>.csv` when complete).
+fn remove_stale_uploads(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for path in entries.flatten().map(|e| e.path()) {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name.starts_with(".upload-") && name.ends_with(".tmp") {
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!(file = %path.display(), "removed an unfinished upload"),
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot remove an unfinished upload")
+                }
+            }
+        }
+    }
+}
+
 impl Manager {
     /// Opens the trainer's root: removes stale temp files, loads runs (marking the ones a dead
     /// process left RUNNING as FAILED) and verifies checkpoints. Blocking.
@@ -85,6 +107,7 @@ impl Manager {
                 source,
             })?
             .with_max_bytes(max_upload_bytes);
+        remove_stale_uploads(&layout.root().join("datasets"));
         let runs = Runs::load(&layout)?;
         let catalog = Arc::new(Catalog::load(&layout)?);
         let metrics =

@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use synopsis_model::checkpoint::verify_checkpoint;
 use synopsis_proto::v1::{
-    train_event, HyperParams, ListCheckpointsRequest, ListRunsRequest, RunState, StopRunRequest,
-    TrainEvent, TrainRequest, WatchRunRequest,
+    train_event, CheckpointInfo, HyperParams, ListCheckpointsRequest, ListRunsRequest, RunState,
+    StopRunRequest, TrainEvent, TrainRequest, WatchCheckpointsRequest, WatchRunRequest,
 };
 use tonic::Code;
 
@@ -35,6 +35,12 @@ fn encoded(events: &[TrainEvent]) -> Vec<Vec<u8>> {
     events.iter().map(prost::Message::encode_to_vec).collect()
 }
 
+/// Equal as bytes (a NaN validation loss is not equal to itself).
+fn assert_same(a: &CheckpointInfo, b: &CheckpointInfo) {
+    use prost::Message;
+    assert_eq!(a.encode_to_vec(), b.encode_to_vec(), "{a:?} != {b:?}");
+}
+
 fn checkpoint_of(e: &TrainEvent) -> Option<&synopsis_proto::v1::CheckpointInfo> {
     match &e.event {
         Some(train_event::Event::Checkpoint(c)) => Some(c),
@@ -48,6 +54,12 @@ async fn stop_busy_follow_and_restart() {
     let server = Server::start(root.path()).await;
     let mut client = server.client().await;
     let dataset_id = upload(&mut client, &corpus_csv()).await;
+    // Follows every checkpoint of any run (none exists yet).
+    let mut feed = client
+        .watch_checkpoints(WatchCheckpointsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
 
     let mut stream = client
         .train(long_request(&dataset_id))
@@ -150,6 +162,13 @@ async fn stop_busy_follow_and_restart() {
     let last_ckpt = resumed.iter().rev().find_map(checkpoint_of).unwrap();
     assert_eq!(last_ckpt.step, stop_ckpt.step + 2);
 
+    // The checkpoint feed announced each new checkpoint, in order.
+    let announced: Vec<_> = resumed.iter().filter_map(checkpoint_of).cloned().collect();
+    assert_same(&feed.message().await.unwrap().unwrap(), &stop_ckpt);
+    for expected in &announced {
+        assert_same(&feed.message().await.unwrap().unwrap(), expected);
+    }
+
     // After a restart on the same root: runs, events and checkpoints are all still there.
     server.shutdown().await.unwrap();
     let server = Server::start(root.path()).await;
@@ -203,6 +222,138 @@ async fn stop_busy_follow_and_restart() {
     assert!(listed
         .iter()
         .any(|c| c.checkpoint_id == stop_ckpt.checkpoint_id));
+
+    // The feed of one run starts with that run's newest checkpoint; draining ends it.
+    let mut feed = client
+        .watch_checkpoints(WatchCheckpointsRequest {
+            run_id: run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_same(&feed.message().await.unwrap().unwrap(), &stop_ckpt);
+    server.shutdown().await.unwrap();
+    assert!(feed.message().await.map(|m| m.is_none()).unwrap_or(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conditioned_run_from_the_data_root() {
+    let root = tempfile::tempdir().unwrap();
+    let data_root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(data_root.path().join("corpora")).unwrap();
+    std::fs::write(data_root.path().join("corpora/tiny.csv"), corpus_csv()).unwrap();
+    let server = Server::start_with(root.path(), |c| {
+        c.data_root = Some(data_root.path().to_path_buf());
+    })
+    .await;
+    let mut client = server.client().await;
+    let mut req = tiny_request("", 1);
+    req.data = Some(synopsis_proto::v1::train_request::Data::DataPath(
+        "corpora/tiny.csv".into(),
+    ));
+    req.condition_columns = vec!["Genres".into()];
+    req.sample_prompts = vec!["A young pilot".into()];
+    let events = collect(client.train(req).await.unwrap().into_inner()).await;
+    assert_eq!(finished(&events).state(), RunState::Completed);
+    let sample = events
+        .iter()
+        .find_map(|e| match &e.event {
+            Some(train_event::Event::Sample(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap();
+    // The prompt is wrapped in the conditioning template, as the generator will wrap it.
+    assert_eq!(sample.prompt, "Synopsis: A young pilot");
+    let ckpt = events.iter().find_map(checkpoint_of).unwrap();
+    assert_eq!(ckpt.condition_columns, vec!["Genres".to_string()]);
+    let manifest = verify_checkpoint(&checkpoint_dir(root.path(), &ckpt.checkpoint_id)).unwrap();
+    assert_eq!(
+        manifest.metadata["conditioning"]["columns"],
+        serde_json::json!(["Genres"])
+    );
+    assert_eq!(
+        manifest.metadata["conditioning"]["labels"],
+        serde_json::json!(["Genres"])
+    );
+    assert_eq!(manifest.metadata["parameters"], ckpt.parameters);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fine_tunes_a_hugging_face_base_model() {
+    let root = tempfile::tempdir().unwrap();
+    let models = tempfile::tempdir().unwrap();
+    // A plain HF GPT-2 directory (random tiny weights, GPT-2's vocabulary) and GPT-2's tokenizer.
+    let base = models.path().join("fake_gpt2");
+    std::fs::create_dir(&base).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(shared_data("gpt2_fixtures/fake_gpt2").join(f), base.join(f)).unwrap();
+    }
+    let tok = models.path().join("gpt2_tokenizer");
+    std::fs::create_dir(&tok).unwrap();
+    std::fs::copy(
+        shared_data("gpt2_tokenizer/tokenizer.json"),
+        tok.join("tokenizer.json"),
+    )
+    .unwrap();
+
+    let server = Server::start_with(root.path(), |c| {
+        c.models_root = Some(models.path().to_path_buf());
+    })
+    .await;
+    let mut client = server.client().await;
+    let dataset_id = upload(&mut client, &corpus_csv()).await;
+    let mut req = tiny_request(&dataset_id, 1);
+    req.model = None;
+    req.base_model = "fake_gpt2".into();
+    req.tokenizer = "gpt2_tokenizer".into();
+    let hyper = req.hyper.as_mut().unwrap();
+    hyper.learning_rate = 0.0; // the fine-tuning default
+    hyper.seq_len = 0; // min(256, n_positions)
+    hyper.max_steps = 1;
+    hyper.batch_size = 1; // several steps an epoch: max_steps ends the run inside it
+    let events = collect(client.train(req.clone()).await.unwrap().into_inner()).await;
+    assert_eq!(
+        finished(&events).state(),
+        RunState::Completed,
+        "{:?}",
+        finished(&events)
+    );
+    let Some(train_event::Event::Started(started)) = &events[0].event else {
+        unreachable!()
+    };
+    let resolved: serde_json::Value = serde_json::from_str(&started.resolved_config_json).unwrap();
+    assert_eq!(resolved["hyper"]["learning_rate"], 5e-5);
+    assert_eq!(resolved["hyper"]["seq_len"], 256);
+    assert_eq!(resolved["model"]["vocab_size"], 50257);
+    assert_eq!(resolved["base_model"], "fake_gpt2");
+    let ckpt = events.iter().rev().find_map(checkpoint_of).unwrap();
+    let manifest = verify_checkpoint(&checkpoint_dir(root.path(), &ckpt.checkpoint_id)).unwrap();
+    assert_eq!(manifest.step, 1);
+    assert_eq!(ckpt.reason, "final");
+
+    // A base model's shape is fixed, and names must stay under --models-root.
+    let mut bad = req.clone();
+    bad.model = Some(synopsis_proto::v1::ModelSpec {
+        n_layer: 4,
+        ..Default::default()
+    });
+    assert_eq!(
+        client.train(bad).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let mut bad = req.clone();
+    bad.base_model = "../fake_gpt2".into();
+    assert_eq!(
+        client.train(bad).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let mut bad = req;
+    bad.base_model = "missing".into();
+    assert_eq!(
+        client.train(bad).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -254,8 +405,11 @@ async fn a_run_left_running_by_a_dead_process_is_marked_failed() {
             "last_checkpoint_id":"run-20260101-000000-beef/epoch-0001-step-000010"}"#,
     )
     .unwrap();
-    // A log whose last line was torn by the crash.
+    // A log whose last line was torn by the crash, and an upload cut short.
     std::fs::write(run_dir.join("events.jsonl"), b"{\"seq\":0,\"ti").unwrap();
+    let datasets = root.path().join("datasets");
+    std::fs::create_dir_all(&datasets).unwrap();
+    std::fs::write(datasets.join(".upload-x1y2.tmp"), b"MAL_ID,Syn").unwrap();
 
     let server = Server::start(root.path()).await;
     let mut client = server.client().await;
@@ -267,6 +421,7 @@ async fn a_run_left_running_by_a_dead_process_is_marked_failed() {
         .runs;
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].state(), RunState::Failed);
+    assert!(!datasets.join(".upload-x1y2.tmp").exists());
     assert!(
         runs[0].message.contains("trainer restarted"),
         "{}",

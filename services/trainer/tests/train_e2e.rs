@@ -17,7 +17,8 @@ use tonic::Code;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn train_fetch_and_resume_a_tiny_model() {
     let root = tempfile::tempdir().unwrap();
-    let server = Server::start(root.path()).await;
+    let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let server = Server::start_with(root.path(), |c| c.metrics_listen = Some(metrics_addr)).await;
     let mut client = server.client().await;
     let dataset_id = upload(&mut client, &corpus_csv()).await;
 
@@ -216,6 +217,45 @@ async fn train_fetch_and_resume_a_tiny_model() {
         a.train_loss
     );
 
+    // Prometheus metrics count what this process did.
+    let metrics = http_get(metrics_addr, "/metrics").await;
+    let steps = started.total_steps + (rs.total_steps - rs.start_step);
+    assert!(
+        metrics.contains(&format!("synopsis_trainer_steps_total {steps}")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("synopsis_trainer_runs{state=\"completed\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("synopsis_trainer_checkpoints_total 3"),
+        "{metrics}"
+    );
+
+    // Gradient accumulation: 2 micro-batches of 2 windows make the same steps as batches of 4
+    // (dropout off, so both runs compute the same thing, grouped differently).
+    let mut val_losses = Vec::new();
+    for (batch_size, grad_accum) in [(4, 1), (2, 2)] {
+        let mut req = tiny_request(&dataset_id, 1);
+        let hyper = req.hyper.as_mut().unwrap();
+        hyper.dropout = -1.0;
+        hyper.batch_size = batch_size;
+        hyper.grad_accum = grad_accum;
+        let events = collect(client.train(req).await.unwrap().into_inner()).await;
+        let Some(train_event::Event::Started(s)) = &events[0].event else {
+            unreachable!()
+        };
+        assert_eq!(s.total_steps, started.total_steps / 2);
+        val_losses.push(epochs(&events)[0].val_loss);
+    }
+    assert!(
+        rel(val_losses[0], val_losses[1]) < 1e-4,
+        "accumulated {} vs plain {}",
+        val_losses[1],
+        val_losses[0]
+    );
+
     server.shutdown().await.unwrap();
 }
 
@@ -224,6 +264,24 @@ async fn requests_that_cannot_work_are_invalid_arguments() {
     let root = tempfile::tempdir().unwrap();
     let server = Server::start(root.path()).await;
     let mut client = server.client().await;
+
+    // Health reports SERVING for the Trainer service.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "synopsis.v1.Trainer".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
 
     // A CSV without any usable text column.
     let bad = upload(&mut client, "id,score\n1,2\n3,4\n").await;
@@ -275,6 +333,51 @@ async fn requests_that_cannot_work_are_invalid_arguments() {
     let unknown = "0".repeat(64);
     let err = client.train(tiny_request(&unknown, 1)).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+    server.shutdown().await.unwrap();
 
+    // With --data-root: nothing outside it is read; an upload over the limit is refused.
+    let data_root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("outside.csv"), corpus_csv()).unwrap();
+    let server = Server::start_with(root.path(), |c| {
+        c.data_root = Some(data_root.path().to_path_buf());
+        c.max_upload_bytes = 100;
+    })
+    .await;
+    let mut client = server.client().await;
+    for (path, code) in [
+        ("../outside.csv", Code::InvalidArgument),
+        ("/etc/passwd", Code::InvalidArgument),
+        ("missing.csv", Code::NotFound),
+    ] {
+        let mut req = tiny_request("", 1);
+        req.data = Some(synopsis_proto::v1::train_request::Data::DataPath(
+            path.into(),
+        ));
+        let err = client.train(req).await.unwrap_err();
+        assert_eq!(err.code(), code, "{path}: {err:?}");
+    }
+    let chunks = vec![synopsis_proto::v1::DatasetChunk {
+        filename: "big.csv".into(),
+        data: corpus_csv().into_bytes(),
+    }];
+    let err = client
+        .upload_dataset(tokio_stream::iter(chunks))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(
+        std::fs::read_dir(root.path().join("datasets"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".csv")
+            })
+            .count(),
+        3,
+        "nothing stored for the refused upload"
+    );
     server.shutdown().await.unwrap();
 }

@@ -66,29 +66,61 @@ pub async fn follow_run(
             }
         }
         loop {
-            tokio::select! {
-                received = rx.recv() => match received {
-                    Ok(event) => {
-                        if event.seq < next {
-                            continue;
-                        }
-                        if event.seq > next {
-                            // Should not happen (the log is written first); re-read to fill in.
-                            break;
-                        }
-                        next += 1;
-                        let done = is_finished(&event);
-                        if tx.send(Ok(event)).await.is_err() || done {
-                            return;
-                        }
-                    }
-                    // Fell behind the broadcast: catch up from the log.
-                    Err(broadcast::error::RecvError::Lagged(_)) => break,
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
-                () = drained(&mut drain) => return,
+            // Biased: events already broadcast go out before a drain is noticed (a drain
+            // happens after the run's last event, which the client must still get).
+            let received = tokio::select! {
+                biased;
+                received = rx.recv() => received,
+                () = drained(&mut drain) => {
+                    flush(&mut rx, &mut next, &tx).await;
+                    return;
+                }
                 () = tx.closed() => return,
+            };
+            match received {
+                Ok(event) => match forward(event, &mut next, &tx).await {
+                    Forward::Sent => {}
+                    Forward::Gap => break,
+                    Forward::Done => return,
+                },
+                // Fell behind the broadcast: catch up from the log.
+                Err(broadcast::error::RecvError::Lagged(_)) => break,
+                Err(broadcast::error::RecvError::Closed) => return,
             }
+        }
+    }
+}
+
+enum Forward {
+    Sent,
+    /// A seq was skipped (should not happen: the log is written first); re-read the log.
+    Gap,
+    /// The run finished or the client left.
+    Done,
+}
+
+/// Sends `event` if it is the next one; duplicates are dropped.
+async fn forward(event: TrainEvent, next: &mut u64, tx: &EventTx) -> Forward {
+    if event.seq < *next {
+        return Forward::Sent;
+    }
+    if event.seq > *next {
+        return Forward::Gap;
+    }
+    *next += 1;
+    let done = is_finished(&event);
+    if tx.send(Ok(event)).await.is_err() || done {
+        Forward::Done
+    } else {
+        Forward::Sent
+    }
+}
+
+/// Sends what is already queued on the broadcast (used when draining).
+async fn flush(rx: &mut broadcast::Receiver<TrainEvent>, next: &mut u64, tx: &EventTx) {
+    while let Ok(event) = rx.try_recv() {
+        if !matches!(forward(event, next, tx).await, Forward::Sent) {
+            return;
         }
     }
 }
@@ -110,6 +142,7 @@ pub async fn watch_checkpoints(
     }
     loop {
         tokio::select! {
+            biased;
             received = rx.recv() => match received {
                 Ok(info) => {
                     if run_id.as_deref().is_some_and(|r| r != info.run_id) {

@@ -342,7 +342,7 @@ fn sample(
         };
         let seed = config.hyper.seed ^ (u64::from(epoch) << 32) ^ i as u64;
         let text = tch::no_grad(|| {
-            generate_fallback(
+            synopsis_model::generate::generate(
                 model,
                 tokenizer,
                 &input,
@@ -394,40 +394,4 @@ impl Meter {
         self.emitted_any = true;
         tps
     }
-}
-
-// TEMPORARY until synopsis_model::generate lands: full-context sampling without a KV cache.
-fn generate_fallback(
-    model: &synopsis_model::Gpt2,
-    tok: &synopsis_model::Tokenizer,
-    prompt: &str,
-    max_new: usize,
-    params: &SamplingParams,
-    seed: u64,
-) -> synopsis_model::Result<String> {
-    let mut ids = tok.encode(prompt)?;
-    let mut sampler = synopsis_model::Sampler::new(params.clone(), seed);
-    let mut out = Vec::new();
-    let n_pos = model.config().n_positions as usize;
-    for _ in 0..max_new {
-        let start = ids.len().saturating_sub(n_pos);
-        let ctx: Vec<i64> = ids[start..].iter().map(|&i| i64::from(i)).collect();
-        let input = Tensor::from_slice(&ctx)
-            .reshape([1, ctx.len() as i64])
-            .to_device(model.device());
-        let logits = model
-            .forward(&input, false)
-            .select(1, -1)
-            .squeeze()
-            .to_kind(tch::Kind::Float)
-            .to_device(tch::Device::Cpu);
-        let logits: Vec<f32> = Vec::try_from(&logits)?;
-        let s = sampler.sample(&logits, &ids);
-        if s.token == tok.eos_id() {
-            break;
-        }
-        ids.push(s.token);
-        out.push(s.token);
-    }
-    tok.decode(&out)
 }

@@ -2,16 +2,19 @@
 //! then the loop that runs it on the device thread and reports through a run's events.
 
 pub mod batches;
+pub mod hyper;
 pub mod optimizer;
 pub mod plan;
 pub mod schedule;
 mod snapshot;
+mod sources;
 #[path = "loop.rs"]
 mod train_loop;
 
 use serde::{Deserialize, Serialize};
 
-pub use plan::{prepare, Env, Hyper, Plan, ResolvedConfig};
+pub use hyper::Hyper;
+pub use plan::{prepare, Env, Plan, ResolvedConfig};
 pub use train_loop::{run, Outcome, RunContext};
 
 /// Where a run stands, saved with every checkpoint (in `optimizer.safetensors`) so a resumed

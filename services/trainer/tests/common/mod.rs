@@ -112,10 +112,16 @@ pub struct Server {
 impl Server {
     /// Serves a trainer on `root` (CPU) on an ephemeral port.
     pub async fn start(root: &Path) -> Server {
+        Server::start_with(root, |_| {}).await
+    }
+
+    /// [`start`](Self::start) with flags changed by `configure`.
+    pub async fn start_with(root: &Path, configure: impl FnOnce(&mut Config)) -> Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut config = Config::for_root(root);
         config.device = "cpu".into();
+        configure(&mut config);
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(synopsis_trainer::serve(config, listener, async move {
             let _ = rx.await;
@@ -207,6 +213,47 @@ pub fn finished(events: &[TrainEvent]) -> synopsis_proto::v1::RunFinished {
         Some(train_event::Event::Finished(f)) => f,
         other => panic!("last event is not finished: {other:?}"),
     }
+}
+
+/// The shared data directory (`$SYNOPSIS_DATA_DIR` or `../shared/data` beside the repository);
+/// a missing directory fails the test rather than skipping it.
+pub fn shared_data(rel: &str) -> PathBuf {
+    let dir = std::env::var_os("SYNOPSIS_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
+    let path = dir.join(rel);
+    assert!(
+        path.exists(),
+        "{} not found (set SYNOPSIS_DATA_DIR)",
+        path.display()
+    );
+    path
+}
+
+/// A port free right now (for the metrics endpoint, which binds its own socket).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` over plain HTTP/1.0; the whole response.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for _ in 0..100 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            return out;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("nothing listens on {addr}");
 }
 
 pub fn checkpoint_dir(root: &Path, checkpoint_id: &str) -> PathBuf {
