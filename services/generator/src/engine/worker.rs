@@ -82,7 +82,11 @@ impl Worker {
             if (self.shutting_down || self.disconnected) && !undelivered {
                 return false;
             }
-            let first = if undelivered || self.disconnected {
+            let first = if self.disconnected {
+                // No command can arrive any more; only slow clients are left to wait for.
+                std::thread::sleep(RETRY_DELIVERY);
+                Err(RecvTimeoutError::Timeout)
+            } else if undelivered {
                 self.rx.recv_timeout(RETRY_DELIVERY)
             } else {
                 self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
