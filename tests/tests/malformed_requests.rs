@@ -532,7 +532,7 @@ async fn every_rpc_answers_malformed_requests_with_its_documented_status() {
 /// request breaks (server defaults: cap 512, n 8, 8 stop strings of at most 64 characters,
 /// prompts of at most 8000 characters).
 fn broken_field(r: &pb::GenerateRequest) -> Option<&'static str> {
-    let s = r.sampling.clone().unwrap_or_default();
+    let s = r.sampling.unwrap_or_default();
     if r.prompt.chars().count() > 8000 {
         Some("prompt")
     } else if r.max_new_tokens > 512 {
