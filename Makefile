@@ -32,3 +32,10 @@ bench: build
 
 fmt:
 	$(CARGO) fmt --all
+
+# Bounded loopback load test of one generator (not part of `make test`):
+# make load-test LOAD_TEST_ARGS="--streams 64 --seconds 60 --swap-every 10"
+.PHONY: load-test
+load-test:
+	$(CARGO) build -p synopsis-trainer -p synopsis-generator -p synopsis-tests --bins
+	$(CARGO) run -p synopsis-tests --bin load_test -- $(LOAD_TEST_ARGS)
