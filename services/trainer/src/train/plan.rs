@@ -34,6 +34,8 @@ use crate::data::{self, ConditioningTemplate, DataOptions, DatasetStore};
 use crate::error::{Result, TrainerError};
 
 pub const DEFAULT_BPE_VOCAB: u32 = 8192;
+/// Largest vocabulary a tokenizer trained on the corpus may ask for (GPT-2 has 50,257).
+pub const MAX_BPE_VOCAB: u32 = 262_144;
 pub const DEFAULT_PRESET: &str = "tiny";
 /// The original project's sample openings.
 pub const DEFAULT_PROMPTS: [&str; 3] = [
@@ -179,50 +181,59 @@ pub fn prepare(req: &TrainRequest, env: &Env, catalog: &Catalog) -> Result<Plan>
             let desc = format!("checkpoint {}", r.checkpoint_id);
             (tok, desc, config, Some(r.dir.join(WEIGHTS_FILE)))
         }
-        None => match &base_model {
-            Some(name) => {
-                if req.model.as_ref().is_some_and(model_spec_is_set) {
-                    return Err(TrainerError::invalid(
-                        "model",
-                        "a base model fixes the model's shape; leave model unset to fine-tune",
-                    ));
-                }
-                let dir = resolve_model_dir(env, "base_model", name)?;
-                if dir.join(checkpoint::MANIFEST).is_file() {
-                    checkpoint::verify_checkpoint(&dir).map_err(bad("base_model"))?;
-                }
-                let config =
-                    Gpt2Config::from_file(&dir.join(CONFIG_FILE)).map_err(bad("base_model"))?;
-                let (tok, desc) = if req.tokenizer.is_empty() {
-                    let tok = Tokenizer::from_dir(&dir).map_err(bad("base_model"))?;
-                    (tok, format!("base model {name}"))
-                } else {
-                    named_tokenizer(env, &req.tokenizer)?
-                };
-                (tok, desc, config, Some(dir.join(WEIGHTS_FILE)))
-            }
-            None => {
-                let spec = req.model.clone().unwrap_or_default();
-                let (tok, desc) = if req.tokenizer.is_empty() {
-                    let vocab = if spec.vocab_size > 0 {
-                        spec.vocab_size
+        None => {
+            match &base_model {
+                Some(name) => {
+                    if req.model.as_ref().is_some_and(model_spec_is_set) {
+                        return Err(TrainerError::invalid(
+                            "model",
+                            "a base model fixes the model's shape; leave model unset to fine-tune",
+                        ));
+                    }
+                    let dir = resolve_model_dir(env, "base_model", name)?;
+                    if dir.join(checkpoint::MANIFEST).is_file() {
+                        checkpoint::verify_checkpoint(&dir).map_err(bad("base_model"))?;
+                    }
+                    let config =
+                        Gpt2Config::from_file(&dir.join(CONFIG_FILE)).map_err(bad("base_model"))?;
+                    let (tok, desc) = if req.tokenizer.is_empty() {
+                        let tok = Tokenizer::from_dir(&dir).map_err(bad("base_model"))?;
+                        (tok, format!("base model {name}"))
                     } else {
-                        DEFAULT_BPE_VOCAB
+                        named_tokenizer(env, &req.tokenizer)?
                     };
-                    let tok = Tokenizer::train_bpe(train_texts.iter().copied(), vocab as usize)
-                        .map_err(bad("model.vocab_size"))?;
-                    let desc = format!(
-                        "byte-level BPE trained on the training documents ({} tokens)",
-                        tok.vocab_size()
-                    );
-                    (tok, desc)
-                } else {
-                    named_tokenizer(env, &req.tokenizer)?
-                };
-                let config = scratch_config(&spec, &tok)?;
-                (tok, desc, config, None)
+                    (tok, desc, config, Some(dir.join(WEIGHTS_FILE)))
+                }
+                None => {
+                    let spec = req.model.clone().unwrap_or_default();
+                    let (tok, desc) = if req.tokenizer.is_empty() {
+                        let vocab = if spec.vocab_size > 0 {
+                            spec.vocab_size
+                        } else {
+                            DEFAULT_BPE_VOCAB
+                        };
+                        // Checked before training: the BPE trainer sizes its tables by the request,
+                        // so an absurd vocabulary would abort the process instead of failing.
+                        if vocab > MAX_BPE_VOCAB {
+                            return Err(bad("model.vocab_size")(synopsis_model::ModelError::Invalid(
+                            format!("model.vocab_size is {vocab}, above the limit of {MAX_BPE_VOCAB}"),
+                        )));
+                        }
+                        let tok = Tokenizer::train_bpe(train_texts.iter().copied(), vocab as usize)
+                            .map_err(bad("model.vocab_size"))?;
+                        let desc = format!(
+                            "byte-level BPE trained on the training documents ({} tokens)",
+                            tok.vocab_size()
+                        );
+                        (tok, desc)
+                    } else {
+                        named_tokenizer(env, &req.tokenizer)?
+                    };
+                    let config = scratch_config(&spec, &tok)?;
+                    (tok, desc, config, None)
+                }
             }
-        },
+        }
     };
     if tokenizer.vocab_size() as i64 > model_config.vocab_size {
         return Err(TrainerError::invalid(
