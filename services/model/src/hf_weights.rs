@@ -6,12 +6,20 @@ use crate::error::{ModelError, Result};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 /// Copies every variable of `vs` from the file; any missing tensor or shape that disagrees with
 /// the config is an error naming the file and tensor.
+/// The one place the model crate maps a file and wraps borrowed bytes in tensors: both are
+/// what keeps loading at one copy of the weights.
+#[allow(unsafe_code)]
 pub(crate) fn load_into(vs: &nn::VarStore, path: &Path) -> Result<()> {
-    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    let handle = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    // Mapped, not read: the weights go from the page cache straight into the model's tensors,
+    // so loading never holds a second copy of the file on the heap.
+    // SAFETY: checkpoints are written to a temporary directory and renamed into place, never
+    // modified where they are read; the map lives only for the copies below.
+    let bytes = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| ModelError::io(path, e))?;
     let file = SafeTensors::deserialize(&bytes)
         .map_err(|e| ModelError::format(path, format!("not a valid safetensors file: {e}")))?;
     let mut by_name: HashMap<String, safetensors::tensor::TensorView<'_>> = HashMap::new();
@@ -52,8 +60,28 @@ pub(crate) fn load_into(vs: &nn::VarStore, path: &Path) -> Result<()> {
                     ))
                 }
             };
-            let tensor = Tensor::f_from_data_size(view.data(), &found, kind)?;
-            var.copy_(&tensor.to_kind(var.kind()));
+            let data = view.data();
+            let numel: i64 = found.iter().product();
+            if data.len() as i64 != numel * kind.elt_size_in_bytes() as i64 {
+                return Err(ModelError::format(
+                    path,
+                    format!(
+                        "tensor {name} holds {} bytes, its shape {found:?} needs {}",
+                        data.len(),
+                        numel * kind.elt_size_in_bytes() as i64
+                    ),
+                ));
+            }
+            let source = if data.as_ptr() as usize % kind.elt_size_in_bytes() == 0 {
+                // SAFETY: `data` is a live, aligned slice of exactly `numel` elements of `kind`
+                // (checked above) that outlives `source`, which is only read by `copy_`.
+                unsafe { Tensor::f_from_blob(data.as_ptr(), &found, &[], kind, Device::Cpu)? }
+            } else {
+                // An unaligned tensor (possible after odd-sized f16 ones) goes through a copy.
+                Tensor::f_from_data_size(data, &found, kind)?
+            };
+            // copy_ converts dtype and device on the way, with no intermediate tensor.
+            var.copy_(&source);
             seen.insert(name.clone());
         }
         Ok(())

@@ -129,3 +129,37 @@ fn rows_can_join_and_leave_a_running_batch() {
         );
     });
 }
+
+#[test]
+fn decode_head_layout_changes_no_logits_and_keeps_one_copy_of_the_embedding() {
+    tch::no_grad(|| {
+        let plain = small_model();
+        // Other tests draw from the global RNG concurrently: copy the weights, not the seed.
+        let mut serving = small_model();
+        serving.var_store_mut().copy(plain.var_store()).unwrap();
+        serving.enable_decode_head();
+        let ids = Tensor::from_slice(&[5i64, 17, 42, 7]).unsqueeze(0);
+        let ones = Tensor::ones([1, 4], (Kind::Bool, Device::Cpu));
+        let mut cache_plain = plain.new_cache(1, 8);
+        let mut cache_serving = serving.new_cache(1, 8);
+        let a = plain.forward_cached_last(&ids, &ones, &mut cache_plain);
+        let b = serving.forward_cached_last(&ids, &ones, &mut cache_serving);
+        assert!(max_diff(&a, &b) < 1e-5, "prefill diff {}", max_diff(&a, &b));
+        let next = Tensor::from_slice(&[9i64]).view([1, 1]);
+        let one = Tensor::ones([1, 1], (Kind::Bool, Device::Cpu));
+        let a = plain.forward_cached_last(&next, &one, &mut cache_plain);
+        let b = serving.forward_cached_last(&next, &one, &mut cache_serving);
+        assert!(max_diff(&a, &b) < 1e-5, "decode diff {}", max_diff(&a, &b));
+        let full = serving.forward(&ids, false);
+        let expected = plain.forward(&ids, false);
+        assert!(max_diff(&full, &expected) < 1e-5);
+        // The embedding variable is now the transposed view of the decode head's storage.
+        let wte = serving
+            .var_store()
+            .variables()
+            .remove("transformer.wte.weight")
+            .expect("wte");
+        assert_eq!(wte.size(), vec![300, 64]);
+        assert_eq!(wte.stride(), vec![1, 300]);
+    });
+}
