@@ -49,6 +49,24 @@ pub struct GlobalArgs {
     /// PEM file of the CA that signed the servers' certificates: talk https.
     #[arg(long, global = true, env = "SYNOPSIS_TLS_CA", value_name = "PATH")]
     pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for servers that require mutual TLS (needs --tls-ca).
+    #[arg(
+        long,
+        global = true,
+        env = "SYNOPSIS_TLS_CERT",
+        value_name = "PATH",
+        requires_all = ["tls_ca", "tls_key"]
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "SYNOPSIS_TLS_KEY",
+        value_name = "PATH",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
     /// Machine-readable output: one JSON object per line.
     #[arg(long, global = true)]
     pub json: bool,

@@ -11,7 +11,7 @@ use synopsis_proto::v1::generator_client::GeneratorClient;
 use synopsis_proto::v1::trainer_client::TrainerClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request, Status};
 
 use crate::cli::GlobalArgs;
@@ -98,6 +98,8 @@ pub struct Servers {
     pub generator_url: String,
     auth: Auth,
     tls_ca: Option<Vec<u8>>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Servers {
@@ -120,6 +122,16 @@ impl Servers {
                 })?),
                 None => None,
             };
+        let read = |path: &Path, what: &str| {
+            std::fs::read(path)
+                .with_context(|| format!("cannot read the {what} {}", path.display()))
+        };
+        let identity = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => {
+                Some((read(cert, "client certificate")?, read(key, "client key")?))
+            }
+            _ => None,
+        };
         // With a CA the servers are spoken to over TLS, whatever scheme the URL was given with.
         let scheme = |url: &str| match (&tls_ca, url.strip_prefix("http://")) {
             (Some(_), Some(rest)) => format!("https://{rest}"),
@@ -130,6 +142,7 @@ impl Servers {
             generator_url: scheme(&args.generator),
             auth: Auth(auth),
             tls_ca,
+            identity,
         })
     }
 
@@ -178,7 +191,10 @@ impl Servers {
             .map_err(|e| CliError::Usage(format!("invalid {service} URL `{url}`: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT);
         if let Some(pem) = &self.tls_ca {
-            let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+            if let Some((cert, key)) = &self.identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
             endpoint = endpoint
                 .tls_config(tls)
                 .map_err(|e| CliError::Usage(format!("cannot use TLS with `{url}`: {e}")))?;

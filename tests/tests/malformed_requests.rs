@@ -140,6 +140,12 @@ async fn every_rpc_answers_malformed_requests_with_its_documented_status() {
             "n_embd",
         ),
         (
+            "huge vocabulary",
+            model(|m| m.vocab_size = u32::MAX),
+            Code::InvalidArgument,
+            "vocab_size",
+        ),
+        (
             "n_head not dividing n_embd",
             model(|m| m.n_head = 3),
             Code::InvalidArgument,
@@ -256,6 +262,18 @@ async fn every_rpc_answers_malformed_requests_with_its_documented_status() {
         code(t.watch_run(watch(UNKNOWN_RUN)).await),
         Code::NotFound,
         UNKNOWN_RUN,
+    );
+    check(
+        "watch: past the end of a finished run",
+        code(
+            t.watch_run(pb::WatchRunRequest {
+                run_id: run_id.clone(),
+                from_seq: u64::MAX,
+            })
+            .await,
+        ),
+        Code::OutOfRange,
+        "from_seq",
     );
     let stop = |id: &str| pb::StopRunRequest { run_id: id.into() };
     check(

@@ -331,6 +331,23 @@ async fn tls_and_tokens_guard_both_servers_and_the_link_between_them() {
         refused.await.is_err(),
         "mTLS accepted a client without a certificate"
     );
+    // The CLI presents its certificate with --tls-cert/--tls-key, and is refused without.
+    let mtls_port = mtls.addr.port();
+    let with_identity = [
+        "--tls-cert",
+        pki.client_cert.to_str().unwrap(),
+        "--tls-key",
+        pki.client_key.to_str().unwrap(),
+        "checkpoints",
+    ];
+    let (code, out) = cli(cli_args(mtls_port, g, &pki, true, &with_identity)).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&checkpoint), "{out}");
+    let (code, out) = cli(cli_args(mtls_port, g, &pki, true, &["checkpoints"])).await;
+    assert_ne!(
+        code, 0,
+        "the CLI reached an mTLS trainer without a certificate: {out}"
+    );
 
     // A generator whose upstream token is wrong never gets a checkpoint: it stays WAITING.
     let mut wrong = pki.server_args();

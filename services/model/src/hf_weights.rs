@@ -72,7 +72,7 @@ pub(crate) fn load_into(vs: &nn::VarStore, path: &Path) -> Result<()> {
                     ),
                 ));
             }
-            let source = if data.as_ptr() as usize % kind.elt_size_in_bytes() == 0 {
+            let source = if (data.as_ptr() as usize).is_multiple_of(kind.elt_size_in_bytes()) {
                 // SAFETY: `data` is a live, aligned slice of exactly `numel` elements of `kind`
                 // (checked above) that outlives `source`, which is only read by `copy_`.
                 unsafe { Tensor::f_from_blob(data.as_ptr(), &found, &[], kind, Device::Cpu)? }

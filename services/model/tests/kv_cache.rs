@@ -35,11 +35,7 @@ fn decoding_64_tokens_with_left_padded_batch_matches_full_forward() {
         for p in &prompts {
             let pad = width - p.len();
             ids.extend(std::iter::repeat_n(0, pad).chain(p.iter().copied()));
-            mask.extend(
-                std::iter::repeat(false)
-                    .take(pad)
-                    .chain(std::iter::repeat(true).take(p.len())),
-            );
+            mask.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, p.len())));
         }
         let b = prompts.len() as i64;
         let ids_t = Tensor::from_slice(&ids).view([b, width as i64]);

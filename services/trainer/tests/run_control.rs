@@ -211,6 +211,16 @@ async fn stop_busy_follow_and_restart() {
     )
     .await;
     assert_eq!(encoded(&tail), encoded(&events[3..]));
+    // Past the end of a finished run nothing can ever come: the call says so at once.
+    let past = client
+        .watch_run(WatchRunRequest {
+            run_id: run_id.clone(),
+            from_seq: events.len() as u64,
+        })
+        .await
+        .expect_err("watching past the end of a finished run must fail");
+    assert_eq!(past.code(), tonic::Code::OutOfRange, "{past:?}");
+    assert!(past.message().contains("from_seq"), "{past:?}");
     let listed = client
         .list_checkpoints(ListCheckpointsRequest {
             run_id: run_id.clone(),

@@ -123,6 +123,11 @@ impl Run {
         self.tx.subscribe()
     }
 
+    /// The seq the next event will get: the number of events emitted so far.
+    pub fn next_seq(&self) -> u64 {
+        lock(&self.log).next_seq
+    }
+
     /// The persisted events with `seq >= from_seq`.
     pub fn replay(&self, from_seq: u64) -> Result<Vec<TrainEvent>> {
         read_events(&self.dir, from_seq)

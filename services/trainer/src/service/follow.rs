@@ -65,6 +65,13 @@ pub async fn follow_run(
                 return;
             }
         }
+        // A run turns terminal only by logging its `finished` event and then broadcasting it:
+        // if it is terminal now, that event is either behind us or already in `rx` (subscribed
+        // before the read). Send what `rx` holds and end instead of waiting for nothing.
+        if run.state().is_terminal() {
+            flush(&mut rx, &mut next, &tx).await;
+            return;
+        }
         loop {
             // Biased: events already broadcast go out before a drain is noticed (a drain
             // happens after the run's last event, which the client must still get).

@@ -137,6 +137,16 @@ impl Trainer for TrainerService {
             .runs
             .get(&req.run_id)
             .ok_or_else(|| TrainerError::NotFound(format!("no run {}", req.run_id)))?;
+        // A finished run emits nothing more: a from_seq past its last event could never be met.
+        let end = run.next_seq();
+        if run.state().is_terminal() && req.from_seq >= end {
+            return Err(Status::out_of_range(format!(
+                "from_seq {} is past the end of run {}: it finished with events 0..={}",
+                req.from_seq,
+                req.run_id,
+                end.saturating_sub(1)
+            )));
+        }
         Ok(Response::new(self.follow(run, req.from_seq)))
     }
 
