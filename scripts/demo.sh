@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-EPOCHS="${DEMO_EPOCHS:-3}"
+EPOCHS="${DEMO_EPOCHS:-15}"
 OUT="${DEMO_OUT:-demo-output}"
 BIN="${CARGO_TARGET_DIR:-target}/debug"
 
