@@ -31,7 +31,6 @@ use crate::metrics::Metrics;
 use crate::service::GeneratorService;
 use crate::sources::trainer::TrainerLink;
 use crate::state::{State, StateParts};
-use crate::swap::Origin;
 
 /// How long the gRPC server may take to close its connections once the drain is over.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -91,7 +90,7 @@ pub async fn serve(
         let state = Arc::clone(&state);
         sources.push(tokio::spawn(async move {
             let source = format!("model:{}", dir.display());
-            if let Err(e) = swap::install_dir(&state, &dir, Origin::Local, &source, true).await {
+            if let Err(e) = swap::install_dir(&state, &dir, &source, true).await {
                 error!(dir = %dir.display(), error = %e, "cannot serve --model");
             }
         }));

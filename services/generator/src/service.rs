@@ -18,7 +18,7 @@ use crate::engine::{Admitted, EngineRequest, SeqEvent, SubmitError};
 use crate::error::ServiceError;
 use crate::metrics::Outcome;
 use crate::state::{State, StreamGuard};
-use crate::swap::{self, Origin, SwapError};
+use crate::swap::{self, SwapError};
 use crate::validation::{self, FieldError, ValidRequest};
 
 /// Engine events buffered per request; the engine holds back what does not fit.
@@ -429,7 +429,7 @@ impl GeneratorService {
             )));
         }
         let source = format!("load:{}", dir.display());
-        swap::install_dir(&self.state, &dir, Origin::Local, &source, true)
+        swap::install_dir(&self.state, &dir, &source, true)
             .await
             .map_err(swap_error)
     }

@@ -7,13 +7,12 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use synopsis_model::checkpoint::{self, LoadedModel, Manifest, MANIFEST};
-use synopsis_model::{Gpt2, Gpt2Config, ModelError, Tokenizer, WeightDtype};
+use synopsis_model::ModelError;
 use synopsis_proto::v1 as pb;
 use tracing::{info, warn};
 
 use crate::conditioning::Conditioning;
 use crate::engine::ResidentModel;
-use crate::sources::download::OPTIONAL_FILES;
 use crate::state::State;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,27 +46,16 @@ impl SwapError {
     }
 }
 
-/// How a directory reached the generator.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Origin {
-    /// A checkpoint or plain Hugging Face directory on this machine: every file is verified.
-    Local,
-    /// Downloaded from the trainer without the files serving does not need
-    /// ([`OPTIONAL_FILES`]): every file present is verified, those may be missing.
-    Downloaded,
-}
-
 /// Loads the checkpoint (or plain Hugging Face directory) at `dir` and makes it live.
 /// `record_incomplete = false` leaves a half-copied checkpoint out of the refused list.
 pub async fn install_dir(
     state: &Arc<State>,
     dir: &Path,
-    origin: Origin,
     source: &str,
     record_incomplete: bool,
 ) -> Result<pb::CheckpointInfo, SwapError> {
     let _one_swap = state.swap_lock.lock().await;
-    let result = install_locked(state, dir, origin, source).await;
+    let result = install_locked(state, dir, source).await;
     match &result {
         Ok(info) => {
             state.metrics.swaps.inc();
@@ -92,7 +80,6 @@ pub async fn install_dir(
 async fn install_locked(
     state: &Arc<State>,
     dir: &Path,
-    origin: Origin,
     source: &str,
 ) -> Result<pb::CheckpointInfo, SwapError> {
     // The same bytes already resident (e.g. seen through two sources): just make them live.
@@ -113,10 +100,9 @@ async fn install_locked(
     let owned_dir = dir.to_path_buf();
     let (device, dtype) = (state.device, state.dtype);
     let (loaded, info, template) = tokio::task::spawn_blocking(move || {
-        let loaded = match origin {
-            Origin::Local => checkpoint::load_model_dir(&owned_dir, device, dtype)?,
-            Origin::Downloaded => load_downloaded(&owned_dir, device, dtype)?,
-        };
+        // Files serving does not need (the optimizer state, never downloaded) may be absent;
+        // every file present is verified against the manifest.
+        let loaded = checkpoint::load_model_dir(&owned_dir, device, dtype)?;
         let template =
             Conditioning::from_metadata(&loaded.metadata).map_err(SwapError::Template)?;
         let info = checkpoint_info(&owned_dir, &loaded, template.as_ref())?;
@@ -167,55 +153,6 @@ pub fn refuse(state: &State, checkpoint_id: &str, reason: &str) {
         checkpoint_id,
         reason, "checkpoint refused; the live model keeps serving"
     );
-}
-
-/// `load_model_dir` for a downloaded checkpoint: the same checks, except that the files in
-/// [`OPTIONAL_FILES`] (never fetched) may be absent.
-fn load_downloaded(
-    dir: &Path,
-    device: tch::Device,
-    dtype: WeightDtype,
-) -> Result<LoadedModel, ModelError> {
-    let manifest = Manifest::read(dir)?;
-    for (name, expected) in &manifest.files {
-        let path = dir.join(name);
-        if OPTIONAL_FILES.contains(&name.as_str()) && !path.exists() {
-            continue;
-        }
-        let actual = checkpoint::hash_file(&path)?;
-        if actual.size != expected.size {
-            return Err(ModelError::SizeMismatch {
-                path,
-                expected: expected.size,
-                actual: actual.size,
-            });
-        }
-        if actual.sha256 != expected.sha256 {
-            return Err(ModelError::HashMismatch {
-                path,
-                expected: expected.sha256.clone(),
-                actual: actual.sha256,
-            });
-        }
-    }
-    let config = Gpt2Config::from_file(&dir.join(checkpoint::CONFIG_FILE))?;
-    let tokenizer = Tokenizer::from_dir(dir)?;
-    if tokenizer.vocab_size() as i64 > config.vocab_size {
-        return Err(ModelError::Invalid(format!(
-            "{}: tokenizer has {} tokens but the model only {} embeddings",
-            dir.display(),
-            tokenizer.vocab_size(),
-            config.vocab_size
-        )));
-    }
-    let model = Gpt2::load(&config, &dir.join(checkpoint::WEIGHTS_FILE), device, dtype)?;
-    Ok(LoadedModel {
-        model,
-        tokenizer,
-        metadata: manifest.metadata.clone(),
-        files: manifest.files.clone(),
-        manifest: Some(manifest),
-    })
 }
 
 fn peek_manifest(dir: &Path) -> Option<Manifest> {

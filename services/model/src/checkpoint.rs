@@ -167,11 +167,28 @@ fn entry_path(dir: &Path, name: &str) -> Result<PathBuf> {
     Ok(dir.join(relative))
 }
 
+/// The files a checkpoint needs to be served. Anything else its manifest lists (the optimizer
+/// state) only resumes training, so a generator may fetch a checkpoint without it.
+pub const SERVING_FILES: [&str; 3] = [CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE];
+
 /// Checks every file of the manifest (existence, size, sha256) and returns the manifest.
 pub fn verify_checkpoint(dir: &Path) -> Result<Manifest> {
+    verify_files(dir, |_| true)
+}
+
+/// Like [`verify_checkpoint`], except that files outside [`SERVING_FILES`] may be absent; those
+/// present are checked all the same.
+pub fn verify_for_serving(dir: &Path) -> Result<Manifest> {
+    verify_files(dir, |name| SERVING_FILES.contains(&name))
+}
+
+fn verify_files(dir: &Path, required: impl Fn(&str) -> bool) -> Result<Manifest> {
     let manifest = Manifest::read(dir)?;
     for (name, expected) in &manifest.files {
         let path = entry_path(dir, name)?;
+        if !required(name) && !path.exists() {
+            continue;
+        }
         check_size(&path, expected.size)?;
         let actual = hash_file(&path)?;
         // Size again: the file may have changed between the two looks.
@@ -301,10 +318,11 @@ pub struct LoadedModel {
     pub metadata: serde_json::Value,
 }
 
-/// Loads a checkpoint (every file verified against its manifest first) or a plain Hugging Face
-/// GPT-2 directory (`config.json`, `tokenizer.json`, `model.safetensors`; hashes computed).
+/// Loads a checkpoint (its files verified against its manifest first; see
+/// [`verify_for_serving`]) or a plain Hugging Face GPT-2 directory (`config.json`,
+/// `tokenizer.json`, `model.safetensors`; hashes computed).
 pub fn load_model_dir(dir: &Path, device: Device, dtype: WeightDtype) -> Result<LoadedModel> {
-    let manifest = match verify_checkpoint(dir) {
+    let manifest = match verify_for_serving(dir) {
         Ok(manifest) => Some(manifest),
         Err(ModelError::MissingManifest { .. }) => None,
         Err(e) => return Err(e),

@@ -188,49 +188,56 @@ impl Sampler {
         let inv_temperature = 1.0 / f64::from(self.params.temperature);
         let weight =
             |i: u32| ((f64::from(logits[i as usize]) - f64::from(max)) * inv_temperature).exp();
-        // Mass of every candidate, so the nucleus can be cut before sorting everything.
-        let mut total: f64 = self.candidates.iter().map(|&i| weight(i)).sum();
-
         let top_p = f64::from(self.params.top_p);
         let nucleus = top_p < 1.0;
+        if !nucleus {
+            // One exp per candidate: over a 50k vocabulary this loop is most of the sampling
+            // time of a row, and a batch pays it once per row per step.
+            self.weights.clear();
+            self.weights
+                .extend(self.candidates.iter().map(|&i| weight(i)));
+            let total: f64 = self.weights.iter().sum();
+            return self.draw(total);
+        }
+        // Mass of every candidate, so the nucleus can be cut before sorting everything.
+        let total: f64 = self.candidates.iter().map(|&i| weight(i)).sum();
         let threshold = top_p * total;
-        if nucleus {
-            // The nucleus of a trained model is usually a few dozen tokens: order the best
-            // NUCLEUS_HEAD first and sort the long tail only when they fall short of p.
-            let head = NUCLEUS_HEAD.min(self.candidates.len());
-            if head < self.candidates.len() {
-                self.candidates
-                    .select_nth_unstable_by(head - 1, by_likelihood);
-            }
-            let (best, rest) = self.candidates.split_at_mut(head);
-            best.sort_unstable_by(by_likelihood);
-            let head_mass: f64 = best.iter().map(|&i| weight(i)).sum();
-            if head_mass >= threshold {
-                self.candidates.truncate(head);
-            } else {
-                rest.sort_unstable_by(by_likelihood);
-            }
+        // The nucleus of a trained model is usually a few dozen tokens: order the best
+        // NUCLEUS_HEAD first and sort the long tail only when they fall short of p.
+        let head = NUCLEUS_HEAD.min(self.candidates.len());
+        if head < self.candidates.len() {
+            self.candidates
+                .select_nth_unstable_by(head - 1, by_likelihood);
+        }
+        let (best, rest) = self.candidates.split_at_mut(head);
+        best.sort_unstable_by(by_likelihood);
+        let head_mass: f64 = best.iter().map(|&i| weight(i)).sum();
+        if head_mass >= threshold {
+            self.candidates.truncate(head);
+        } else {
+            rest.sort_unstable_by(by_likelihood);
         }
         self.weights.clear();
         self.weights
             .extend(self.candidates.iter().map(|&i| weight(i)));
 
-        if nucleus {
-            // Smallest prefix whose mass reaches p; the first token always stays.
-            let mut mass = 0.0;
-            let mut keep = 0;
-            for &w in &self.weights {
-                mass += w;
-                keep += 1;
-                if mass >= threshold {
-                    break;
-                }
+        // Smallest prefix whose mass reaches p; the first token always stays.
+        let mut mass = 0.0;
+        let mut keep = 0;
+        for &w in &self.weights {
+            mass += w;
+            keep += 1;
+            if mass >= threshold {
+                break;
             }
-            self.candidates.truncate(keep);
-            self.weights.truncate(keep);
-            total = mass;
         }
+        self.candidates.truncate(keep);
+        self.weights.truncate(keep);
+        self.draw(mass)
+    }
 
+    /// Draws a candidate with probability `weights[i] / total`.
+    fn draw(&mut self, total: f64) -> Sampled {
         let target = self.rng.random::<f64>() * total;
         // Rounding can leave `target` at the very end: fall back to the last possible token.
         let mut chosen = self.weights.iter().rposition(|&w| w > 0.0).unwrap_or(0);

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use synopsis_model::checkpoint::{
     is_complete_checkpoint, list_checkpoints, load_model_dir, remove_stale_temp_dirs, sha256_file,
-    verify_checkpoint, write_checkpoint, MANIFEST,
+    verify_checkpoint, verify_for_serving, write_checkpoint, MANIFEST,
 };
 use synopsis_model::{Manifest, ModelError, WeightDtype};
 
@@ -240,6 +240,44 @@ fn loads_plain_hf_dirs_and_verified_checkpoints() {
     let err = load_model_dir(&ckpt, tch::Device::Cpu, WeightDtype::F32).err();
     assert!(
         matches!(err, Some(ModelError::HashMismatch { .. })),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn serving_needs_the_model_files_but_not_the_optimizer_state() {
+    let root = tempfile::tempdir().unwrap();
+    let ckpt = root.path().join("run/ckpt");
+    write_checkpoint(&ckpt, manifest("ckpt", 9), |tmp| {
+        copy_hf_files(tmp);
+        fs::write(tmp.join("optimizer.safetensors"), b"moments").unwrap();
+        Ok(())
+    })
+    .unwrap();
+    let optimizer = ckpt.join("optimizer.safetensors");
+
+    // A damaged optimizer file is still refused when present...
+    fs::write(&optimizer, b"momentz").unwrap();
+    let err = verify_for_serving(&ckpt).err();
+    assert!(
+        matches!(err, Some(ModelError::HashMismatch { .. })),
+        "{err:?}"
+    );
+    // ...but an absent one (a checkpoint fetched for serving) only stops a resume.
+    fs::remove_file(&optimizer).unwrap();
+    assert!(verify_for_serving(&ckpt).is_ok());
+    assert!(matches!(
+        verify_checkpoint(&ckpt),
+        Err(ModelError::MissingFile { .. })
+    ));
+    let loaded = load_model_dir(&ckpt, tch::Device::Cpu, WeightDtype::F32).unwrap();
+    assert_eq!(loaded.manifest.as_ref().map(|m| m.step), Some(9));
+
+    // A serving file is never optional.
+    fs::remove_file(ckpt.join("tokenizer.json")).unwrap();
+    let err = load_model_dir(&ckpt, tch::Device::Cpu, WeightDtype::F32).err();
+    assert!(
+        matches!(err, Some(ModelError::MissingFile { .. })),
         "{err:?}"
     );
 }

@@ -65,6 +65,23 @@ fn short_texts() -> DataOptions {
     }
 }
 
+/// The kept corpus: every seed file passes the same checks as the generated inputs.
+#[test]
+fn seed_corpus_accounts_for_every_row() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/csv");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("the seed corpus exists") {
+        let path = entry.expect("a directory entry").path();
+        let bytes = std::fs::read(&path).expect("a readable seed");
+        let plain = check(&bytes, &short_texts());
+        assert!(plain.is_ok(), "{}: {plain:?}", path.display());
+        let defaults = check(&bytes, &DataOptions::default());
+        assert!(defaults.is_ok(), "{}: {defaults:?}", path.display());
+        seen += 1;
+    }
+    assert!(seen >= 10, "only {seen} seed files in {}", dir.display());
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 

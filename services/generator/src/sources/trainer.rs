@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use super::download::{self, DownloadError};
 use crate::state::State;
-use crate::swap::{self, Origin};
+use crate::swap;
 
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -94,7 +94,7 @@ pub async fn fetch_and_install(
         }
     };
     let source = format!("trainer:{}", link.url);
-    swap::install_dir(state, &dir, Origin::Downloaded, &source, true).await
+    swap::install_dir(state, &dir, &source, true).await
 }
 
 /// Follows the trainer until the task is dropped.

@@ -12,7 +12,7 @@ use synopsis_model::checkpoint::list_checkpoints;
 use tracing::{debug, info};
 
 use crate::state::State;
-use crate::swap::{self, Origin};
+use crate::swap;
 
 /// Polls of a half-copied checkpoint before it is refused.
 const INCOMPLETE_TRIES: u32 = 10;
@@ -92,7 +92,7 @@ impl Watcher {
         let tries = self.incomplete.get(&c.dir).copied().unwrap_or(0) + 1;
         let last_try = tries >= INCOMPLETE_TRIES;
         let source = format!("watch-dir:{}", c.dir.display());
-        match swap::install_dir(state, &c.dir, Origin::Local, &source, last_try).await {
+        match swap::install_dir(state, &c.dir, &source, last_try).await {
             Ok(_) => {
                 self.tried.insert(c.dir.clone());
                 self.incomplete.remove(&c.dir);
