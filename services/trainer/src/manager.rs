@@ -110,9 +110,8 @@ impl Manager {
         remove_stale_uploads(&layout.root().join("datasets"));
         let runs = Runs::load(&layout)?;
         let catalog = Arc::new(Catalog::load(&layout)?);
-        let metrics =
-            Metrics::new().map_err(|e| TrainerError::Internal(format!("metrics: {e}")))?;
-        metrics.set_runs(&runs.list());
+        let metrics = Metrics::new(runs.table())
+            .map_err(|e| TrainerError::Internal(format!("metrics: {e}")))?;
         let (idle, _) = watch::channel(true);
         Ok(Manager {
             env: Env {
@@ -228,7 +227,6 @@ impl Manager {
         // The thread owns the slot from here and releases it when the run ends.
         let mut guard = guard;
         guard.armed = false;
-        self.metrics.set_runs(&self.runs.list());
         tracing::info!(run_id = %run.id, "run started");
         Ok(run)
     }
@@ -268,7 +266,6 @@ impl Manager {
         }));
         tracing::info!(state = ?state, "run finished");
         self.metrics.tokens_per_second.set(0.0);
-        self.metrics.set_runs(&self.runs.list());
         self.release();
     }
 

@@ -1,14 +1,38 @@
 //! Prometheus metrics of the trainer, in a registry of its own (so two servers in one test
 //! process do not collide), served by `synopsis_common::spawn_metrics`.
 
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{Gauge, IntCounter, IntGaugeVec, Opts, Registry};
 
-use crate::runs::{RunRecord, State};
+use crate::runs::{self, RunTable, State};
+
+/// Runs by state, counted when scraped: a gauge set after the fact would lag behind a run's
+/// `finished` event, which a client may have received before the scrape.
+#[derive(Clone, Debug)]
+struct RunsByState {
+    table: RunTable,
+    gauge: IntGaugeVec,
+}
+
+impl Collector for RunsByState {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let states = runs::states(&self.table);
+        for state in State::ALL {
+            let n = states.iter().filter(|s| **s == state).count();
+            self.gauge.with_label_values(&[state.name()]).set(n as i64);
+        }
+        self.gauge.collect()
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct Metrics {
     pub registry: Registry,
-    runs: IntGaugeVec,
     pub steps: IntCounter,
     pub tokens: IntCounter,
     pub tokens_per_second: Gauge,
@@ -19,9 +43,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Result<Self, prometheus::Error> {
+    /// Metrics of a trainer whose runs are `table`.
+    pub fn new(table: RunTable) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let runs = IntGaugeVec::new(
+        let gauge = IntGaugeVec::new(
             Opts::new(
                 "synopsis_trainer_runs",
                 "Runs known to the trainer, by state.",
@@ -53,7 +78,7 @@ impl Metrics {
             "synopsis_trainer_checkpoint_bytes_total",
             "Bytes of checkpoints written by this process.",
         )?;
-        registry.register(Box::new(runs.clone()))?;
+        registry.register(Box::new(RunsByState { table, gauge }))?;
         registry.register(Box::new(steps.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
         registry.register(Box::new(tokens_per_second.clone()))?;
@@ -63,7 +88,6 @@ impl Metrics {
         registry.register(Box::new(checkpoint_bytes.clone()))?;
         Ok(Metrics {
             registry,
-            runs,
             steps,
             tokens,
             tokens_per_second,
@@ -72,13 +96,5 @@ impl Metrics {
             checkpoints,
             checkpoint_bytes,
         })
-    }
-
-    /// Recounts runs by state.
-    pub fn set_runs(&self, records: &[RunRecord]) {
-        for state in State::ALL {
-            let n = records.iter().filter(|r| r.state == state).count();
-            self.runs.with_label_values(&[state.name()]).set(n as i64);
-        }
     }
 }

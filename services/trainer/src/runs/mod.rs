@@ -218,11 +218,19 @@ impl Run {
     }
 }
 
+/// The runs by id, shared with whatever reads them live (the metrics).
+pub type RunTable = Arc<Mutex<BTreeMap<String, Arc<Run>>>>;
+
+/// The current state of every run in `table`.
+pub fn states(table: &RunTable) -> Vec<State> {
+    lock(table).values().map(|r| r.state()).collect()
+}
+
 /// Every run of this trainer, past and present.
 #[derive(Debug)]
 pub struct Runs {
     layout: Layout,
-    runs: Mutex<BTreeMap<String, Arc<Run>>>,
+    runs: RunTable,
 }
 
 impl Runs {
@@ -267,7 +275,7 @@ impl Runs {
         }
         Ok(Runs {
             layout: layout.clone(),
-            runs: Mutex::new(runs),
+            runs: Arc::new(Mutex::new(runs)),
         })
     }
 
@@ -279,6 +287,10 @@ impl Runs {
         let run = Arc::new(Run::open(dir, record, 0));
         lock(&self.runs).insert(run.id.clone(), run.clone());
         Ok(run)
+    }
+
+    pub fn table(&self) -> RunTable {
+        self.runs.clone()
     }
 
     pub fn get(&self, run_id: &str) -> Option<Arc<Run>> {
