@@ -180,6 +180,10 @@ pub struct WatchArgs {
 pub struct StopArgs {
     /// Run id.
     pub run: String,
+    /// Return once the stop is requested instead of when the run has written its checkpoint
+    /// and stopped.
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 #[derive(Debug, Args)]

@@ -2,7 +2,7 @@
 //! for people and JSON lines for scripts.
 
 use serde_json::json;
-use synopsis_proto::v1::{ListCheckpointsRequest, ListRunsRequest, StopRunRequest};
+use synopsis_proto::v1::{ListCheckpointsRequest, ListRunsRequest, RunState, StopRunRequest};
 
 use crate::cli::{CheckpointsArgs, StopArgs};
 use crate::connect::{Servers, Service};
@@ -81,13 +81,57 @@ pub async fn stop(servers: &Servers, args: &StopArgs, json: bool) -> anyhow::Res
         .map_err(|s| servers.status_error(Service::Trainer, s))?
         .into_inner()
         .state;
+    let terminal = |state: i32| {
+        matches!(
+            RunState::try_from(state),
+            Ok(RunState::Completed | RunState::Stopped | RunState::Failed)
+        )
+    };
+    let (mut state, mut checkpoint) = (state, String::new());
+    if !terminal(state) && !args.no_wait {
+        if !json {
+            eprintln!(
+                "stop requested; waiting for run {} to write its checkpoint",
+                args.run
+            );
+        }
+        // The run stops at its next step boundary, after writing a checkpoint.
+        loop {
+            tokio::time::sleep(STOP_POLL).await;
+            let runs = client
+                .list_runs(ListRunsRequest {})
+                .await
+                .map_err(|s| servers.status_error(Service::Trainer, s))?
+                .into_inner()
+                .runs;
+            if let Some(run) = runs.into_iter().find(|r| r.run_id == args.run) {
+                (state, checkpoint) = (run.state, run.last_checkpoint_id);
+                if terminal(state) {
+                    break;
+                }
+            }
+        }
+    }
     if json {
-        output::emit(&json!({ "run_id": args.run, "state": run_state_name(state) }))?;
-    } else {
+        output::emit(&json!({
+            "run_id": args.run,
+            "state": run_state_name(state),
+            "last_checkpoint_id": checkpoint,
+        }))?;
+    } else if checkpoint.is_empty() {
         println!("run {}: {}", args.run, run_state_name(state));
+    } else {
+        println!(
+            "run {}: {} (last checkpoint {checkpoint})",
+            args.run,
+            run_state_name(state)
+        );
     }
     Ok(())
 }
+
+/// How often `stop` looks whether the run has stopped.
+const STOP_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 pub async fn checkpoints(
     servers: &Servers,

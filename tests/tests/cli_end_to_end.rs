@@ -199,3 +199,50 @@ async fn cli_trains_on_the_embedded_corpus_and_streams_generated_tokens() {
     assert_eq!(of_kind(&again, "finished")[0]["text"], finished[0]["text"]);
     drop(generator);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_stop_returns_once_the_run_has_checkpointed_and_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, data_root) = (dir.path().join("root"), dir.path().join("data"));
+    std::fs::create_dir_all(&data_root).unwrap();
+    let trainer = Trainer::start(&root, &data_root, &[]).await;
+    let url = trainer.url();
+    let corpus = workspace_root().join("data").join("synopses.csv");
+    let corpus = corpus.to_str().expect("UTF-8 path");
+    let detached = synopsis(
+        &url,
+        "http://127.0.0.1:1",
+        &[
+            "train", "--data", corpus, "--preset", "tiny", "--epochs", "50", "--detach",
+        ],
+        LONG,
+    )
+    .await;
+    assert_success("synopsis train --detach", &detached);
+    let run_id = String::from_utf8_lossy(&detached.stdout).trim().to_string();
+    assert!(run_id.starts_with("run-"), "{run_id}");
+
+    // Let it take a step, then stop it: the command returns only once the run has stopped.
+    let runs_json = |url: String| async move {
+        json_lines(&synopsis(&url, "http://127.0.0.1:1", &["--json", "runs"], LONG).await)
+    };
+    let this_run = |runs: Vec<Value>, id: &str| runs.into_iter().find(|r| r["run_id"] == id);
+    eventually(LONG, "the run to take a step", || {
+        let (url, id) = (url.clone(), run_id.clone());
+        async move {
+            let run = this_run(runs_json(url).await, &id)?;
+            (run["step"].as_u64()? > 0).then_some(())
+        }
+    })
+    .await;
+    let stopped = synopsis(&url, "http://127.0.0.1:1", &["stop", &run_id], LONG).await;
+    assert_success("synopsis stop", &stopped);
+    let printed = String::from_utf8_lossy(&stopped.stdout).to_string();
+    assert!(
+        printed.starts_with(&format!("run {run_id}: stopped (last checkpoint {run_id}/")),
+        "{printed}"
+    );
+    let run = this_run(runs_json(url.clone()).await, &run_id).expect("the run is listed");
+    assert_eq!(run["state"], "stopped", "{run}");
+    assert!(printed.contains(run["last_checkpoint_id"].as_str().unwrap()));
+}
