@@ -221,7 +221,12 @@ async fn cli_stop_returns_once_the_run_has_checkpointed_and_stopped() {
     assert_success("synopsis train --detach", &detached);
     // The upload line comes first; the run id is the last line.
     let printed = String::from_utf8_lossy(&detached.stdout).to_string();
-    let run_id = printed.lines().last().unwrap_or_default().trim().to_string();
+    let run_id = printed
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     assert!(run_id.starts_with("run-"), "{run_id}");
 
     // Let it take a step, then stop it: the command returns only once the run has stopped.
