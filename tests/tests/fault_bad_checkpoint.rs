@@ -51,7 +51,13 @@ async fn damaged_checkpoints_are_refused_and_the_live_one_keeps_serving() {
     let (trainer, good) = e2e::trained(dir.path()).await;
     let good_dir = e2e::checkpoint_dir(&trainer.root, &good.checkpoint_id);
     drop(trainer);
-    let generator = Generator::start(&["--model".into(), good_dir.display().to_string()]).await;
+    let generator = Generator::start(&[
+        "--model".into(),
+        good_dir.display().to_string(),
+        "--load-root".into(),
+        dir.path().display().to_string(),
+    ])
+    .await;
     let mut client = generator.client().await;
 
     type Damage = fn(&Path);

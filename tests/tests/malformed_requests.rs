@@ -345,7 +345,13 @@ async fn every_rpc_answers_malformed_requests_with_its_documented_status() {
 
     // Generator.
     let model_dir = e2e::checkpoint_dir(&trainer.root, &checkpoint.checkpoint_id);
-    let generator = Generator::start(&["--model".into(), model_dir.display().to_string()]).await;
+    let generator = Generator::start(&[
+        "--model".into(),
+        model_dir.display().to_string(),
+        "--load-root".into(),
+        dir.path().display().to_string(),
+    ])
+    .await;
     let mut g = generator.client().await;
     let base = e2e::generate_request(4);
     let sampling = |edit: fn(&mut pb::SamplingParams)| {
@@ -509,6 +515,12 @@ async fn every_rpc_answers_malformed_requests_with_its_documented_status() {
             load(Some(Source::Path("/tmp\0/x".into()))),
             Code::NotFound,
             "",
+        ),
+        (
+            "path outside the load roots",
+            load(Some(Source::Path("/tmp".into()))),
+            Code::PermissionDenied,
+            "--load-root",
         ),
         (
             "not a model",

@@ -26,6 +26,12 @@ pub struct Config {
     #[arg(long, env = "SYNOPSIS_MODEL")]
     pub model: Option<PathBuf>,
 
+    /// A directory LoadCheckpoint may load a `path` from (repeatable, or comma-separated in the
+    /// environment). The watch directory and the download cache are always allowed; any other
+    /// path is refused with PERMISSION_DENIED.
+    #[arg(long = "load-root", env = "SYNOPSIS_LOAD_ROOTS", value_delimiter = ',')]
+    pub load_roots: Vec<PathBuf>,
+
     /// Where checkpoints downloaded from the trainer are kept (default: a fresh directory under
     /// the system temporary directory, removed on exit).
     #[arg(long, env = "SYNOPSIS_CACHE_DIR")]

@@ -13,6 +13,9 @@ pub enum ServiceError {
     InvalidArgument(#[from] FieldError),
     #[error("{0}")]
     NotFound(String),
+    /// A path outside the directories the generator may load from.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// No model is live yet, the server is draining, or the engine is gone.
     #[error("{0}")]
     Unavailable(String),
@@ -33,6 +36,7 @@ impl From<ServiceError> for Status {
         match e {
             ServiceError::InvalidArgument(_) => Status::invalid_argument(message),
             ServiceError::NotFound(_) => Status::not_found(message),
+            ServiceError::PermissionDenied(_) => Status::permission_denied(message),
             ServiceError::Unavailable(_) => Status::unavailable(message),
             ServiceError::ResourceExhausted(_) => Status::resource_exhausted(message),
             ServiceError::DeadlineExceeded => Status::deadline_exceeded(message),

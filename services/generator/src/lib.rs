@@ -72,6 +72,7 @@ pub async fn serve(
         )?)),
         None => None,
     };
+    let load_roots = load_roots(&config, &cache_dir);
     let (health, health_service) = synopsis_common::health_service().await;
     let state = Arc::new(State::new(StateParts {
         engine: engine.clone(),
@@ -80,6 +81,7 @@ pub async fn serve(
         device,
         dtype,
         cache_dir,
+        load_roots,
         trainer: trainer.clone(),
         health,
     }));
@@ -184,6 +186,28 @@ async fn drain(state: &Arc<State>, grace: Duration) {
 }
 
 /// The download cache: `--cache-dir`, or a fresh temporary directory removed on exit.
+/// The directories LoadCheckpoint may load from, canonical so that `..` and symlinks in a
+/// request cannot step out of them: every `--load-root`, the watch directory and the cache.
+fn load_roots(config: &Config, cache_dir: &std::path::Path) -> Vec<PathBuf> {
+    let candidates = config
+        .load_roots
+        .iter()
+        .chain(config.watch_dir.iter())
+        .chain(std::iter::once(&cache_dir.to_path_buf()))
+        .cloned()
+        .collect::<Vec<_>>();
+    candidates
+        .into_iter()
+        .filter_map(|dir| match std::fs::canonicalize(&dir) {
+            Ok(root) => Some(root),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "load root unusable; ignored");
+                None
+            }
+        })
+        .collect()
+}
+
 fn cache_dir(flag: Option<PathBuf>) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
     match flag {
         Some(dir) => {

@@ -422,10 +422,24 @@ impl GeneratorService {
         if path.trim().is_empty() {
             return Err(FieldError::new("path", "must not be empty").into());
         }
-        let dir = PathBuf::from(path);
-        if !dir.is_dir() {
-            return Err(ServiceError::NotFound(format!(
-                "path {path} is not a directory on the generator"
+        // Resolved first (`..`, symlinks), then held to the load roots.
+        let dir = match std::fs::canonicalize(PathBuf::from(path)) {
+            Ok(dir) if dir.is_dir() => dir,
+            _ => {
+                return Err(ServiceError::NotFound(format!(
+                    "path {path} is not a directory on the generator"
+                )))
+            }
+        };
+        if !self
+            .state
+            .load_roots
+            .iter()
+            .any(|root| dir.starts_with(root))
+        {
+            return Err(ServiceError::PermissionDenied(format!(
+                "path {path} is outside the directories this generator loads from \
+                 (--load-root, --watch-dir, --cache-dir)"
             )));
         }
         let source = format!("load:{}", dir.display());

@@ -33,6 +33,8 @@ pub struct State {
     pub dtype: WeightDtype,
     /// Where checkpoints downloaded from the trainer go.
     pub cache_dir: PathBuf,
+    /// Canonical directories LoadCheckpoint may load a path from.
+    pub load_roots: Vec<PathBuf>,
     /// The followed trainer, for LoadCheckpoint of an id that is not resident.
     pub trainer: Option<Arc<TrainerLink>>,
     health: HealthReporter,
@@ -55,6 +57,7 @@ pub struct StateParts {
     pub device: tch::Device,
     pub dtype: WeightDtype,
     pub cache_dir: PathBuf,
+    pub load_roots: Vec<PathBuf>,
     pub trainer: Option<Arc<TrainerLink>>,
     pub health: HealthReporter,
 }
@@ -68,6 +71,7 @@ impl State {
             device: p.device,
             dtype: p.dtype,
             cache_dir: p.cache_dir,
+            load_roots: p.load_roots,
             trainer: p.trainer,
             health: p.health,
             health_lock: tokio::sync::Mutex::new(()),

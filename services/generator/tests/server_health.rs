@@ -11,7 +11,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_serving_until_a_model_is_loaded() {
-    let mut server = TestServer::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(&["--load-root", dir.path().to_str().unwrap()]).await;
     assert_eq!(server.health("").await, ServingStatus::NotServing);
     assert_eq!(
         server.health("synopsis.v1.Generator").await,
@@ -28,9 +29,31 @@ async fn not_serving_until_a_model_is_loaded() {
         .expect_err("no model");
     assert_eq!(status.code(), Code::Unavailable);
 
-    let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ck");
     write_tiny_checkpoint(&ckpt, "ck-1", 1, serde_json::Value::Null);
+    // The same checkpoint outside the load roots, or reached through `..`, is not loaded.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let outside = elsewhere.path().join("ck");
+    write_tiny_checkpoint(&outside, "ck-out", 1, serde_json::Value::Null);
+    let escaping = dir.path().join("..").join(
+        elsewhere
+            .path()
+            .strip_prefix(dir.path().parent().unwrap())
+            .unwrap_or(elsewhere.path()),
+    );
+    for path in [outside.clone(), escaping.join("ck")] {
+        let refused = client
+            .load_checkpoint(pb::LoadCheckpointRequest {
+                source: Some(pb::load_checkpoint_request::Source::Path(
+                    path.display().to_string(),
+                )),
+            })
+            .await
+            .expect_err("a path outside the load roots");
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        assert!(refused.message().contains("--load-root"), "{refused:?}");
+    }
+    assert_eq!(server.health("").await, ServingStatus::NotServing);
     let loaded = client
         .load_checkpoint(pb::LoadCheckpointRequest {
             source: Some(pb::load_checkpoint_request::Source::Path(

@@ -211,6 +211,8 @@ async fn main() -> anyhow::Result<()> {
         format!("127.0.0.1:{port}"),
         "--model".into(),
         a.display().to_string(),
+        "--load-root".into(),
+        dir.path().display().to_string(),
         "--device".into(),
         "cpu".into(),
         "--max-batch".into(),
