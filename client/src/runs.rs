@@ -2,20 +2,27 @@
 //! for people and JSON lines for scripts.
 
 use serde_json::json;
-use synopsis_proto::v1::{ListCheckpointsRequest, ListRunsRequest, RunState, StopRunRequest};
+use synopsis_proto::v1::{
+    ListCheckpointsRequest, ListRunsRequest, RunState, RunSummary, StopRunRequest,
+};
 
 use crate::cli::{CheckpointsArgs, StopArgs};
-use crate::connect::{Servers, Service};
+use crate::connect::{Servers, Service, TrainerApi};
 use crate::output::{self, format_bytes, format_loss, format_time, run_state_name};
 
-pub async fn list_runs(servers: &Servers, json: bool) -> anyhow::Result<()> {
-    let mut client = servers.trainer().await?;
-    let runs = client
+/// Every run the trainer knows.
+async fn fetch_runs(servers: &Servers, client: &mut TrainerApi) -> anyhow::Result<Vec<RunSummary>> {
+    Ok(client
         .list_runs(ListRunsRequest {})
         .await
         .map_err(|s| servers.status_error(Service::Trainer, s))?
         .into_inner()
-        .runs;
+        .runs)
+}
+
+pub async fn list_runs(servers: &Servers, json: bool) -> anyhow::Result<()> {
+    let mut client = servers.trainer().await?;
+    let runs = fetch_runs(servers, &mut client).await?;
     if json {
         for r in &runs {
             output::emit(&json!({
@@ -98,12 +105,7 @@ pub async fn stop(servers: &Servers, args: &StopArgs, json: bool) -> anyhow::Res
         // The run stops at its next step boundary, after writing a checkpoint.
         loop {
             tokio::time::sleep(STOP_POLL).await;
-            let runs = client
-                .list_runs(ListRunsRequest {})
-                .await
-                .map_err(|s| servers.status_error(Service::Trainer, s))?
-                .into_inner()
-                .runs;
+            let runs = fetch_runs(servers, &mut client).await?;
             if let Some(run) = runs.into_iter().find(|r| r.run_id == args.run) {
                 (state, checkpoint) = (run.state, run.last_checkpoint_id);
                 if terminal(state) {
