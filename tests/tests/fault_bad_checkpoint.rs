@@ -48,9 +48,7 @@ fn poison_with_nan(file: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_checkpoints_are_refused_and_the_live_one_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let (trainer, good) = e2e::trained(dir.path()).await;
-    let good_dir = e2e::checkpoint_dir(&trainer.root, &good.checkpoint_id);
-    drop(trainer);
+    let (good, good_dir) = e2e::trained_model(dir.path()).await;
     let generator = Generator::start(&[
         "--model".into(),
         good_dir.display().to_string(),

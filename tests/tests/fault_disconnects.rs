@@ -84,9 +84,7 @@ async fn quiet(generator: &Generator) -> (u64, f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_streams_free_everything_they_held() {
     let dir = tempfile::tempdir().unwrap();
-    let (trainer, checkpoint) = e2e::trained(dir.path()).await;
-    let model = e2e::checkpoint_dir(&trainer.root, &checkpoint.checkpoint_id);
-    drop(trainer);
+    let (_, model) = e2e::trained_model(dir.path()).await;
     let generator = Generator::start(&[
         "--model".into(),
         model.display().to_string(),

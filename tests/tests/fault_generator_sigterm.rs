@@ -18,9 +18,7 @@ const TOKENS: u32 = 60;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_streams_in_flight_and_refuses_new_ones() {
     let dir = tempfile::tempdir().unwrap();
-    let (trainer, checkpoint) = e2e::trained(dir.path()).await;
-    let model = e2e::checkpoint_dir(&trainer.root, &checkpoint.checkpoint_id);
-    drop(trainer);
+    let (_, model) = e2e::trained_model(dir.path()).await;
     let generator = Generator::start(&[
         "--model".into(),
         model.display().to_string(),

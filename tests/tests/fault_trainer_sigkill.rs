@@ -210,13 +210,7 @@ async fn sigkill_during_a_checkpoint_write_leaves_the_last_complete_one() {
         ..Default::default()
     };
     let (_, events) = train(&mut client, resume).await;
-    let started = events
-        .iter()
-        .find_map(|e| match &e.event {
-            Some(pb::train_event::Event::Started(s)) => Some(s.clone()),
-            _ => None,
-        })
-        .expect("started");
+    let started = e2e::started(&events).expect("started");
     assert_eq!(started.start_step, last.step);
     let done = e2e::finished(&events).expect("finished");
     assert_eq!(done.state, pb::RunState::Completed as i32, "{done:?}");

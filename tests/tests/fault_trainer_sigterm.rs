@@ -112,13 +112,7 @@ async fn sigterm_mid_run_checkpoints_stops_and_resumes() {
         ..Default::default()
     };
     let (_, events) = train(&mut client, resume).await;
-    let started = events
-        .iter()
-        .find_map(|e| match &e.event {
-            Some(pb::train_event::Event::Started(s)) => Some(s.clone()),
-            _ => None,
-        })
-        .expect("started event");
+    let started = e2e::started(&events).expect("started event");
     assert_eq!(started.start_step, last.step);
     let first_step = events.iter().find_map(|e| match &e.event {
         Some(pb::train_event::Event::Step(s)) => Some(s.step),

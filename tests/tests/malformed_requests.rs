@@ -9,10 +9,7 @@ mod e2e;
 use e2e::{generate, tiny_request, Generator};
 use proptest::prelude::*;
 use synopsis_proto::v1 as pb;
-use synopsis_tests::health_status;
-use tonic::transport::Endpoint;
 use tonic::Code;
-use tonic_health::pb::health_check_response::ServingStatus;
 
 /// A syntactically valid checkpoint id no trainer wrote.
 const UNKNOWN_CKPT: &str = "run-20000101-000000-0000/epoch-0001-step-000001";
@@ -44,14 +41,6 @@ fn check(what: &str, (got, message): (Code, String), want: Code, field: &str) {
     assert!(
         message.contains(field),
         "{what}: message does not name {field:?}: {message}"
-    );
-}
-
-async fn assert_serving(url: String) {
-    let endpoint = Endpoint::from_shared(url).unwrap();
-    assert_eq!(
-        health_status(endpoint).await.unwrap(),
-        ServingStatus::Serving
     );
 }
 
@@ -539,8 +528,8 @@ async fn every_rpc_answers_malformed_requests_with_its_documented_status() {
     }
 
     // Both still healthy, and still doing their work.
-    assert_serving(trainer.url()).await;
-    assert_serving(generator.url()).await;
+    e2e::assert_serving(trainer.url()).await;
+    e2e::assert_serving(generator.url()).await;
     let info = g
         .model_info(pb::ModelInfoRequest {})
         .await
@@ -679,5 +668,5 @@ fn random_generate_requests_get_the_documented_answer() {
             (Some(field), Ok(_)) => prop_assert!(false, "accepted a request breaking {}", field),
         }
     });
-    runtime.block_on(assert_serving(generator.url()));
+    runtime.block_on(e2e::assert_serving(generator.url()));
 }

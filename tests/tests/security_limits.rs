@@ -6,10 +6,7 @@ mod e2e;
 
 use e2e::{expect_code, generate, Generator, Trainer};
 use synopsis_proto::v1 as pb;
-use synopsis_tests::health_status;
-use tonic::transport::Endpoint;
 use tonic::Code;
-use tonic_health::pb::health_check_response::ServingStatus;
 
 const MAX_UPLOAD: usize = 64 * 1024;
 
@@ -31,14 +28,6 @@ fn chunks(total: usize, chunk: usize) -> Vec<pb::DatasetChunk> {
             data: c.to_vec(),
         })
         .collect()
-}
-
-async fn assert_serving(url: String) {
-    let endpoint = Endpoint::from_shared(url).unwrap();
-    assert_eq!(
-        health_status(endpoint).await.unwrap(),
-        ServingStatus::Serving
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,7 +88,7 @@ async fn trainer_limits_answer_with_clear_statuses() {
             break;
         }
     }
-    assert_serving(trainer.url()).await;
+    e2e::assert_serving(trainer.url()).await;
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -120,9 +109,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generator_limits_answer_with_clear_statuses() {
     let dir = tempfile::tempdir().unwrap();
-    let (trainer, checkpoint) = e2e::trained(dir.path()).await;
-    let model = e2e::checkpoint_dir(&trainer.root, &checkpoint.checkpoint_id);
-    drop(trainer);
+    let (_, model) = e2e::trained_model(dir.path()).await;
     let generator = Generator::start(&[
         "--model".into(),
         model.display().to_string(),
@@ -252,7 +239,7 @@ async fn generator_limits_answer_with_clear_statuses() {
         ),
         exhausted as f64
     );
-    assert_serving(generator.url()).await;
+    e2e::assert_serving(generator.url()).await;
     let (_, done) = generate(&mut client, base).await.unwrap();
     assert_eq!(done.len(), 1);
 }

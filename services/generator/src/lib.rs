@@ -189,15 +189,10 @@ async fn drain(state: &Arc<State>, grace: Duration) {
 /// The directories LoadCheckpoint may load from, canonical so that `..` and symlinks in a
 /// request cannot step out of them: every `--load-root`, the watch directory and the cache.
 fn load_roots(config: &Config, cache_dir: &std::path::Path) -> Vec<PathBuf> {
-    let candidates = config
-        .load_roots
-        .iter()
-        .chain(config.watch_dir.iter())
-        .chain(std::iter::once(&cache_dir.to_path_buf()))
-        .cloned()
-        .collect::<Vec<_>>();
-    candidates
-        .into_iter()
+    let mut dirs = config.load_roots.clone();
+    dirs.extend(config.watch_dir.clone());
+    dirs.push(cache_dir.to_path_buf());
+    dirs.into_iter()
         .filter_map(|dir| match std::fs::canonicalize(&dir) {
             Ok(root) => Some(root),
             Err(e) => {

@@ -5,7 +5,6 @@ mod server_support;
 
 use server_support::*;
 use synopsis_proto::v1 as pb;
-use synopsis_proto::v1::generator_client::GeneratorClient;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -90,14 +89,7 @@ async fn drain_refuses_new_work_and_lets_streams_finish() {
 
     // A client with a tiny HTTP/2 window that reads only `started`: the server cannot push the
     // rest, so the stream is still open when the drain begins.
-    let slow = server
-        .endpoint()
-        .initial_stream_window_size(256)
-        .initial_connection_window_size(256)
-        .connect()
-        .await
-        .unwrap();
-    let mut slow = GeneratorClient::new(slow);
+    let mut slow = server.slow_client().await;
     let mut req = request("Once upon a time", 100);
     req.n = 4;
     let mut stream = slow.generate(req).await.expect("accepted").into_inner();
@@ -141,14 +133,7 @@ async fn a_stream_that_outlives_the_drain_grace_does_not_keep_the_server_up() {
         .await;
 
     // A reader that never reads past `started` cannot finish its stream.
-    let stalled = server
-        .endpoint()
-        .initial_stream_window_size(256)
-        .initial_connection_window_size(256)
-        .connect()
-        .await
-        .unwrap();
-    let mut stalled = GeneratorClient::new(stalled);
+    let mut stalled = server.slow_client().await;
     let mut req = request("Once upon a time", 100);
     req.n = 4;
     let mut stream = stalled.generate(req).await.expect("accepted").into_inner();

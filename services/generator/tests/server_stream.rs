@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use server_support::*;
 use synopsis_proto::v1 as pb;
-use synopsis_proto::v1::generator_client::GeneratorClient;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,14 +87,7 @@ async fn a_passed_deadline_ends_the_stream_with_deadline_exceeded() {
 
     // A reader with a tiny HTTP/2 window that waits past its deadline before reading: the
     // stream cannot complete in time whatever the speed of the machine.
-    let slow = server
-        .endpoint()
-        .initial_stream_window_size(256)
-        .initial_connection_window_size(256)
-        .connect()
-        .await
-        .unwrap();
-    let mut slow = GeneratorClient::new(slow);
+    let mut slow = server.slow_client().await;
     let mut req = request("A long story", 120);
     req.n = 8;
     let mut req = tonic::Request::new(req);

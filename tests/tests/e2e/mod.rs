@@ -238,6 +238,32 @@ pub async fn trained(dir: &Path) -> (Trainer, pb::CheckpointInfo) {
     (trainer, last)
 }
 
+/// A tiny checkpoint trained under `dir`, and its directory; the trainer is stopped.
+pub async fn trained_model(dir: &Path) -> (pb::CheckpointInfo, PathBuf) {
+    let (trainer, checkpoint) = trained(dir).await;
+    let model = checkpoint_dir(&trainer.root, &checkpoint.checkpoint_id);
+    (checkpoint, model)
+}
+
+/// The `started` event of a run.
+pub fn started(events: &[pb::TrainEvent]) -> Option<pb::RunStarted> {
+    events.iter().find_map(|e| match &e.event {
+        Some(pb::train_event::Event::Started(s)) => Some(s.clone()),
+        _ => None,
+    })
+}
+
+/// Asserts that the server at `url` answers SERVING on grpc.health.v1.
+pub async fn assert_serving(url: String) {
+    let endpoint = Endpoint::from_shared(url).expect("a valid URL");
+    assert_eq!(
+        synopsis_tests::health_status(endpoint)
+            .await
+            .expect("health answers"),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+}
+
 /// A generator process with its addresses.
 pub struct Generator {
     pub process: ServiceProcess,

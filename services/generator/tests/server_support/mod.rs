@@ -112,6 +112,19 @@ impl TestServer {
         GeneratorClient::new(self.endpoint().connect().await.expect("connect"))
     }
 
+    /// A client whose HTTP/2 windows hold only a few hundred bytes: the server cannot push a
+    /// stream past its first messages until the client reads them.
+    pub async fn slow_client(&self) -> GeneratorClient<Channel> {
+        let channel = self
+            .endpoint()
+            .initial_stream_window_size(256)
+            .initial_connection_window_size(256)
+            .connect()
+            .await
+            .expect("connect");
+        GeneratorClient::new(channel)
+    }
+
     pub async fn health(&self, service: &str) -> ServingStatus {
         let channel = self.endpoint().connect().await.expect("connect");
         let reply = HealthClient::new(channel)
