@@ -1,14 +1,25 @@
 //! Choosing where tensors live and in which precision: CUDA when present unless told otherwise,
 //! and the weight dtypes the generator can serve in.
 
+use crate::cuda_backend::{load_cuda_backend, nvidia_gpu_present};
 use crate::error::{ModelError, Result};
 use tch::{Device, Kind};
 
 /// Parses `auto` (CUDA:0 when available, else CPU), `cpu`, `cuda` or `cuda:N`.
+///
+/// `auto` loads libtorch's CUDA backend only on a host with an NVIDIA device node, and `cpu`
+/// never does, so CPU nodes do not pay its memory (see [`crate::cuda_backend`]).
 pub fn parse_device(spec: &str) -> Result<Device> {
     let spec = spec.trim().to_ascii_lowercase();
     match spec.as_str() {
-        "auto" | "" => Ok(Device::cuda_if_available()),
+        "auto" | "" => {
+            if nvidia_gpu_present() {
+                if let Err(e) = load_cuda_backend() {
+                    tracing::warn!(error = %e, "NVIDIA GPU present but libtorch's CUDA backend did not load; using the CPU");
+                }
+            }
+            Ok(Device::cuda_if_available())
+        }
         "cpu" => Ok(Device::Cpu),
         "cuda" | "gpu" => require_cuda(0),
         other => match other.strip_prefix("cuda:") {
@@ -26,6 +37,11 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 }
 
 fn require_cuda(index: usize) -> Result<Device> {
+    load_cuda_backend().map_err(|e| {
+        ModelError::Invalid(format!(
+            "device cuda:{index} requested but libtorch's CUDA backend did not load: {e}"
+        ))
+    })?;
     let count = tch::Cuda::device_count() as usize;
     if index < count {
         Ok(Device::Cuda(index))

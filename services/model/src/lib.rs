@@ -4,6 +4,7 @@
 mod attention;
 pub mod checkpoint;
 pub mod config;
+pub mod cuda_backend;
 pub mod device;
 pub mod error;
 pub mod generate;
