@@ -75,6 +75,9 @@ pub struct TrainReference {
 #[derive(Debug, Clone, Deserialize)]
 pub struct GenerateReference {
     pub tokens_per_second: f64,
+    /// A hand-written eager decoding loop over the same weights: the per-token floor of
+    /// eager libtorch on this machine, without any framework around it.
+    pub lean_tokens_per_second: f64,
     /// Seconds of `generate(max_new_tokens=1)`: prefill of the prompt and one sampled token.
     pub first_token_seconds: f64,
     pub max_rss_bytes: f64,

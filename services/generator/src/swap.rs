@@ -100,6 +100,9 @@ async fn install_locked(
     let owned_dir = dir.to_path_buf();
     let (device, dtype) = (state.device, state.dtype);
     let (loaded, info, template) = tokio::task::spawn_blocking(move || {
+        // Loading must not start a second OpenMP team beside the engine's: that makes every
+        // decoding step pay thread wake-ups (see `torch_threads`).
+        synopsis_model::torch_threads::run_serially_on_this_thread();
         // Files serving does not need (the optimizer state, never downloaded) may be absent;
         // every file present is verified against the manifest.
         let loaded = checkpoint::load_model_dir(&owned_dir, device, dtype)?;

@@ -15,6 +15,7 @@ pub mod kv_cache;
 pub mod manifest;
 pub mod sampling;
 pub mod tokenizer;
+pub mod torch_threads;
 
 pub use checkpoint::{load_model_dir, LoadedModel};
 pub use config::Gpt2Config;
