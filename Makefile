@@ -39,3 +39,9 @@ fmt:
 load-test:
 	$(CARGO) build -p synopsis-trainer -p synopsis-generator -p synopsis-tests --bins
 	$(CARGO) run -p synopsis-tests --bin load_test -- $(LOAD_TEST_ARGS)
+
+# The kit of the GPU check (scripts/gpu-check.sh): built here, carried to a GPU machine as
+# target/gpu-check, run there with `scripts/gpu-check.sh run`.
+.PHONY: gpu-check-prepare
+gpu-check-prepare:
+	scripts/gpu-check.sh prepare

@@ -22,9 +22,16 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 
+def sync(device):
+    """Waits for the GPU's queued work, so a timer reads finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def lean_tokens_per_second(model, ids, new_tokens, runs):
     """Best tokens/s of a hand-written KV-cache decoding loop on `model`'s weights."""
     cfg = model.config
+    device = ids.device
     sd = {k: v.detach() for k, v in model.transformer.state_dict().items()}
     layers = cfg.n_layer
     d, h = cfg.n_embd, cfg.n_head
@@ -63,8 +70,9 @@ def lean_tokens_per_second(model, ids, new_tokens, runs):
     best = 0.0
     for run in range(runs + 1):  # the first run warms up
         torch.manual_seed(run)
-        keys = [torch.zeros(1, h, cap, hd) for _ in range(layers)]
-        values = [torch.zeros(1, h, cap, hd) for _ in range(layers)]
+        keys = [torch.zeros(1, h, cap, hd, device=device) for _ in range(layers)]
+        values = [torch.zeros(1, h, cap, hd, device=device) for _ in range(layers)]
+        sync(device)
         start = time.perf_counter()
         logits = forward(ids, keys, values, 0)
         pos = ids.shape[1]
@@ -72,6 +80,7 @@ def lean_tokens_per_second(model, ids, new_tokens, runs):
             token = torch.multinomial(torch.softmax(logits, -1), 1)
             logits = forward(token, keys, values, pos)
             pos += 1
+        sync(device)
         elapsed = time.perf_counter() - start
         if run > 0:
             best = max(best, new_tokens / elapsed)
@@ -96,15 +105,18 @@ def main():
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--first-token-runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     a = p.parse_args()
+    device = torch.device(a.device)
     torch.set_num_threads(a.threads)
     base_rss = rss_bytes()
-    model = GPT2LMHeadModel.from_pretrained(a.model).eval()
+    model = GPT2LMHeadModel.from_pretrained(a.model).eval().to(device)
     loaded_rss = rss_bytes()
     if a.prompt_ids:
         ids = torch.tensor([[int(t) for t in a.prompt_ids.split(",")]])
     else:
         ids = torch.arange(1000, 1000 + a.prompt_tokens).unsqueeze(0)
+    ids = ids.to(device)
     mask = torch.ones_like(ids)
     sampling = dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, pad_token_id=50256)
     best = 0.0
@@ -113,14 +125,18 @@ def main():
         model.generate(ids, attention_mask=mask, max_new_tokens=4, **sampling)
         for run in range(a.first_token_runs):
             torch.manual_seed(100 + run)
+            sync(device)
             start = time.perf_counter()
             model.generate(ids, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, **sampling)
+            sync(device)
             first.append(time.perf_counter() - start)
         for run in range(a.runs):
             torch.manual_seed(run)
+            sync(device)
             start = time.perf_counter()
             out = model.generate(ids, attention_mask=mask, max_new_tokens=a.new_tokens,
                                  min_new_tokens=a.new_tokens, **sampling)
+            sync(device)
             elapsed = time.perf_counter() - start
             generated = out.shape[1] - ids.shape[1]
             best = max(best, generated / elapsed)

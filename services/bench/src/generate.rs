@@ -52,6 +52,10 @@ pub struct Args {
     pub generator_bin: Option<PathBuf>,
     #[arg(long, default_value_t = crate::DEFAULT_THREADS)]
     pub threads: i32,
+    /// Where ours and the references decode: cpu (the targets are set for it), cuda or cuda:N
+    /// (the GPU check: tokens/s beside HF on the same GPU; no memory or bandwidth rows).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// A model written as a plain Hugging Face directory.
@@ -66,6 +70,8 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     // This thread builds and loads the models; only the engine thread should own an OpenMP
     // team, as in the generator (see `synopsis_model::torch_threads`).
     synopsis_model::torch_threads::run_serially_on_this_thread();
+    let device = synopsis_model::parse_device(&args.device).context("--device")?;
+    let on_cpu = device == Device::Cpu;
     let tmp = tempfile::tempdir().context("temporary model directory")?;
     let tokenizer_dir = args.data_root.join(&args.tokenizer);
     let tokenizer = Tokenizer::from_dir(&tokenizer_dir)
@@ -73,10 +79,11 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let (prompt, prompt_ids) = prompt_of(&tokenizer, args.prompt_tokens)?;
     println!(
         "bench-generate: {}-token prompt, {} new tokens, sampling (temperature 1, no top-k/top-p), \
-         {} torch threads",
+         {} torch threads, device {}",
         prompt_ids.len(),
         args.new_tokens,
-        args.threads
+        args.threads,
+        synopsis_model::device_name(device)
     );
     tch::manual_seed(0);
     let small = write_model_dir(tmp.path(), "small", &tokenizer)?;
@@ -92,12 +99,12 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     // The engine, as the server drives it.
     let rss_before = machine::rss_bytes(None)? as f64;
     let engine = spawn_engine(EngineConfig::new(
-        Device::Cpu,
+        device,
         EngineMetrics::new(&prometheus::Registry::new())?,
     ))?;
-    install(&engine, &small).await?;
+    install(&engine, &small, device).await?;
     let rss_loaded = machine::rss_bytes(None)? as f64;
-    install(&engine, &tiny).await?;
+    install(&engine, &tiny, device).await?;
     // Ours and the references alternate, round after round, and each keeps its best: the
     // machine is shared, and a burst of load must not land on one side only.
     let (mut ours_small, mut ours_tiny) = (0.0f64, 0.0f64);
@@ -128,7 +135,14 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let hf_small = hf_small.context("no HF round ran")?;
     let hf_tiny = hf_tiny.context("no HF round ran")?;
 
-    let srv = server::measure(&small.dir, &prompt, args.new_tokens, args.streams).await?;
+    let srv = server::measure(
+        &small.dir,
+        &args.device,
+        &prompt,
+        args.new_tokens,
+        args.streams,
+    )
+    .await?;
     eprintln!(
         "server: one stream {} tokens/s, {} streams {} tokens/s",
         num(srv.one_stream),
@@ -139,7 +153,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         let exe = std::env::current_exe().ok()?;
         Some(exe.parent()?.join("synopsis-generator"))
     });
-    let process = match bin.filter(|b| b.is_file()) {
+    let process = match bin.filter(|b| on_cpu && b.is_file()) {
         Some(bin) => match server::process_memory(&bin, &small.dir, &prompt, args.new_tokens).await
         {
             Ok(m) => Some((bin, m)),
@@ -148,6 +162,10 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
                 None
             }
         },
+        None if !on_cpu => {
+            eprintln!("generator process memory not measured: the weights live on the GPU");
+            None
+        }
         None => {
             eprintln!(
                 "generator process memory not measured: no synopsis-generator binary beside this \
@@ -174,21 +192,23 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         report::ratio(ours_small, hf_small.tokens_per_second),
         report::verdict_at_least(ours_small, hf_small.tokens_per_second, 1.5),
     ]);
-    t.row([
-        format!(
-            "GPT-2 small vs bandwidth bound ({} weights / {} GB/s copy)",
-            mib(small.weight_bytes),
-            num(copy_bw / 1e9)
-        ),
-        num(ours_small),
-        num(bound),
-        format!(
-            "{:.0}% (HF {:.0}%)",
-            100.0 * ours_small / bound,
-            100.0 * hf_small.tokens_per_second / bound
-        ),
-        "-".into(),
-    ]);
+    if on_cpu {
+        t.row([
+            format!(
+                "GPT-2 small vs bandwidth bound ({} weights / {} GB/s copy)",
+                mib(small.weight_bytes),
+                num(copy_bw / 1e9)
+            ),
+            num(ours_small),
+            num(bound),
+            format!(
+                "{:.0}% (HF {:.0}%)",
+                100.0 * ours_small / bound,
+                100.0 * hf_small.tokens_per_second / bound
+            ),
+            "-".into(),
+        ]);
+    }
     t.row([
         "GPT-2 small vs a lean eager PyTorch loop on the same weights (HF at its ratio)"
             .to_string(),
@@ -393,8 +413,8 @@ fn write_model_dir(root: &Path, preset: &'static str, tok: &Tokenizer) -> anyhow
     })
 }
 
-async fn install(engine: &EngineHandle, model: &ModelDir) -> anyhow::Result<()> {
-    let loaded = load_model_dir(&model.dir, Device::Cpu, WeightDtype::F32)
+async fn install(engine: &EngineHandle, model: &ModelDir, device: Device) -> anyhow::Result<()> {
+    let loaded = load_model_dir(&model.dir, device, WeightDtype::F32)
         .with_context(|| format!("loading {}", model.dir.display()))?;
     let resident = ResidentModel {
         checkpoint_id: model.id.to_string(),
@@ -489,6 +509,8 @@ fn hf(model: &ModelDir, prompt_ids: &[u32], args: &Args) -> anyhow::Result<Gener
         args.runs.to_string(),
         "--threads".into(),
         args.threads.to_string(),
+        "--device".into(),
+        args.device.clone(),
     ];
     reference::run("generate_reference.py", &argv)
         .with_context(|| format!("the HF reference on {}", model.id))

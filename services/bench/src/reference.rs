@@ -17,9 +17,17 @@ pub fn python() -> PathBuf {
     PathBuf::from(home).join(".cache/synopsis/torch-2.11.0/bin/python")
 }
 
-/// A script of `scripts/bench/` in this repository.
+/// A script of `scripts/bench/` in this repository: the checkout the binary was built in, or
+/// the current directory's when the binary runs elsewhere (the GPU check carries binaries to
+/// another machine's copy of the repository).
 pub fn script(name: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/bench")).join(name)
+    let built_in = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/bench"));
+    let dir = if built_in.is_dir() {
+        built_in
+    } else {
+        PathBuf::from("scripts/bench")
+    };
+    dir.join(name)
 }
 
 /// Runs `script` with `args` and parses the last JSON line of its output as `T`.

@@ -44,6 +44,7 @@ struct Stream {
 /// Serves `model_dir` in this process and measures it through gRPC.
 pub async fn measure(
     model_dir: &Path,
+    device: &str,
     prompt: &str,
     new_tokens: u32,
     streams: usize,
@@ -54,7 +55,7 @@ pub async fn measure(
         "--listen".to_string(),
         addr.to_string(),
         "--device".into(),
-        "cpu".into(),
+        device.to_string(),
         "--model".into(),
         model_dir.display().to_string(),
         "--max-batch".into(),
