@@ -107,33 +107,25 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     install(&engine, &tiny, device).await?;
     // Ours and the references alternate, round after round, and each keeps its best: the
     // machine is shared, and a burst of load must not land on one side only.
-    let (mut ours_small, mut ours_tiny) = (0.0f64, 0.0f64);
-    let (mut hf_small, mut hf_tiny) = (None, None);
+    let mut best_small = Best::default();
+    let mut best_tiny = Best::default();
     for round in 1..=args.rounds.max(1) {
-        let ours = engine_tokens_per_second(&engine, small.id, &prompt, args).await?;
-        ours_small = ours_small.max(ours);
-        let reference = hf(&small, &prompt_ids, args)?;
-        eprintln!(
-            "round {round}, small: engine {} tokens/s, HF {}, lean loop {}",
-            num(ours),
-            num(reference.tokens_per_second),
-            num(reference.lean_tokens_per_second)
-        );
-        hf_small = Some(keep_best(hf_small, reference));
-        let ours = engine_tokens_per_second(&engine, tiny.id, &prompt, args).await?;
-        ours_tiny = ours_tiny.max(ours);
-        let reference = hf(&tiny, &prompt_ids, args)?;
-        eprintln!(
-            "round {round}, tiny: engine {} tokens/s, HF {}, lean loop {}",
-            num(ours),
-            num(reference.tokens_per_second),
-            num(reference.lean_tokens_per_second)
-        );
-        hf_tiny = Some(keep_best(hf_tiny, reference));
+        for (model, best) in [(&small, &mut best_small), (&tiny, &mut best_tiny)] {
+            let ours = engine_tokens_per_second(&engine, model.id, &prompt, args).await?;
+            let reference = hf(model, &prompt_ids, args)?;
+            eprintln!(
+                "round {round}, {}: engine {} tokens/s, HF {}, lean loop {}",
+                model.id,
+                num(ours),
+                num(reference.tokens_per_second),
+                num(reference.lean_tokens_per_second)
+            );
+            best.keep(ours, reference);
+        }
     }
     engine.shutdown();
-    let hf_small = hf_small.context("no HF round ran")?;
-    let hf_tiny = hf_tiny.context("no HF round ran")?;
+    let (ours_small, hf_small) = best_small.into_figures()?;
+    let (ours_tiny, hf_tiny) = best_tiny.into_figures()?;
 
     let srv = server::measure(
         &small.dir,
@@ -209,18 +201,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             "-".into(),
         ]);
     }
-    t.row([
-        "GPT-2 small vs a lean eager PyTorch loop on the same weights (HF at its ratio)"
-            .to_string(),
-        num(ours_small),
-        num(hf_small.lean_tokens_per_second),
-        format!(
-            "{} (HF {})",
-            report::ratio(ours_small, hf_small.lean_tokens_per_second),
-            report::ratio(hf_small.tokens_per_second, hf_small.lean_tokens_per_second)
-        ),
-        "-".into(),
-    ]);
+    t.row(lean_loop_row("GPT-2 small", ours_small, &hf_small));
     t.row([
         "4 × 256 model (16.3M), engine vs HF generate()".to_string(),
         num(ours_tiny),
@@ -228,18 +209,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         report::ratio(ours_tiny, hf_tiny.tokens_per_second),
         report::verdict_at_least(ours_tiny, hf_tiny.tokens_per_second, 4.0),
     ]);
-    t.row([
-        "4 × 256 model vs a lean eager PyTorch loop on the same weights (HF at its ratio)"
-            .to_string(),
-        num(ours_tiny),
-        num(hf_tiny.lean_tokens_per_second),
-        format!(
-            "{} (HF {})",
-            report::ratio(ours_tiny, hf_tiny.lean_tokens_per_second),
-            report::ratio(hf_tiny.tokens_per_second, hf_tiny.lean_tokens_per_second)
-        ),
-        "-".into(),
-    ]);
+    t.row(lean_loop_row("4 × 256 model", ours_tiny, &hf_tiny));
     t.row([
         format!(
             "GPT-2 small, {} concurrent streams through the server (aggregate) vs one",
@@ -484,16 +454,49 @@ async fn engine_once(
     bail!("the engine closed the stream before finishing")
 }
 
-/// The faster of two reference runs for speed (tokens/s, time to first token); memory is the
-/// first run's.
-fn keep_best(best: Option<GenerateReference>, new: GenerateReference) -> GenerateReference {
-    let Some(mut best) = best else {
-        return new;
-    };
-    best.tokens_per_second = best.tokens_per_second.max(new.tokens_per_second);
-    best.lean_tokens_per_second = best.lean_tokens_per_second.max(new.lean_tokens_per_second);
-    best.first_token_seconds = best.first_token_seconds.min(new.first_token_seconds);
-    best
+/// Each side's best round: ours in tokens/s, the reference as `keep` merges it.
+#[derive(Default)]
+struct Best {
+    ours: f64,
+    reference: Option<GenerateReference>,
+}
+
+impl Best {
+    /// Keeps the faster of each side. For the reference that is tokens/s (HF and the lean
+    /// loop apart) and time to first token; memory stays the first round's.
+    fn keep(&mut self, ours: f64, new: GenerateReference) {
+        self.ours = self.ours.max(ours);
+        self.reference = Some(match self.reference.take() {
+            None => new,
+            Some(mut best) => {
+                best.tokens_per_second = best.tokens_per_second.max(new.tokens_per_second);
+                best.lean_tokens_per_second =
+                    best.lean_tokens_per_second.max(new.lean_tokens_per_second);
+                best.first_token_seconds = best.first_token_seconds.min(new.first_token_seconds);
+                best
+            }
+        });
+    }
+
+    fn into_figures(self) -> anyhow::Result<(f64, GenerateReference)> {
+        Ok((self.ours, self.reference.context("no round ran")?))
+    }
+}
+
+/// The row that sets ours and HF against the lean eager loop on the same weights.
+fn lean_loop_row(model: &str, ours: f64, reference: &GenerateReference) -> [String; 5] {
+    let lean = reference.lean_tokens_per_second;
+    [
+        format!("{model} vs a lean eager PyTorch loop on the same weights (HF at its ratio)"),
+        num(ours),
+        num(lean),
+        format!(
+            "{} (HF {})",
+            report::ratio(ours, lean),
+            report::ratio(reference.tokens_per_second, lean)
+        ),
+        "-".into(),
+    ]
 }
 
 fn hf(model: &ModelDir, prompt_ids: &[u32], args: &Args) -> anyhow::Result<GenerateReference> {

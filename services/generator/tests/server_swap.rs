@@ -6,7 +6,6 @@ mod server_support;
 
 use server_support::*;
 use synopsis_proto::v1 as pb;
-use synopsis_proto::v1::generator_client::GeneratorClient;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_checkpoint_is_refused_and_the_live_one_keeps_serving() {
@@ -74,14 +73,7 @@ async fn hot_swap_under_load_fails_no_stream() {
     // nothing but `started` until the swap is done ...
     let mut streams = Vec::new();
     for i in 0..16u64 {
-        let channel = server
-            .endpoint()
-            .initial_stream_window_size(256)
-            .initial_connection_window_size(256)
-            .connect()
-            .await
-            .unwrap();
-        let mut client = GeneratorClient::new(channel);
+        let mut client = server.slow_client().await;
         let mut req = request("The city of", 100);
         req.sampling.as_mut().unwrap().seed = Some(i);
         let mut stream = client.generate(req).await.expect("accepted").into_inner();
