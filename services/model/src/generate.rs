@@ -112,9 +112,13 @@ fn next_logits(
     cache: &mut crate::kv_cache::KvCache,
 ) -> Result<Vec<f32>> {
     let len = input.len() as i64;
-    let ids = Tensor::from_slice(input).view([1, len]).to_device(device);
-    let mask = Tensor::ones([1, len], (Kind::Bool, device));
-    let logits = model.forward_cached_last(&ids, &mask, cache);
+    let logits = if len == 1 {
+        model.decode_step(&Tensor::from_slice(input).to_device(device), cache)
+    } else {
+        let ids = Tensor::from_slice(input).view([1, len]).to_device(device);
+        let mask = Tensor::ones([1, len], (Kind::Bool, device));
+        model.forward_cached_last(&ids, &mask, cache)
+    };
     let row = logits.f_view([-1])?.f_to_device(Device::Cpu)?;
     Ok(Vec::<f32>::try_from(&row)?)
 }

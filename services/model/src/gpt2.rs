@@ -189,6 +189,40 @@ impl Gpt2 {
         }
     }
 
+    /// One decoding step: appends one real token per row (`input_ids` `[B]`) to the cache and
+    /// returns the next-token logits `[B, V]` in f32, the same as
+    /// [`forward_cached_last`](Self::forward_cached_last) with a `[B, 1]` all-true mask. It
+    /// skips what that general path builds for prompts: every row's position is its count of
+    /// real tokens, the query sees every valid slot, and a cache without padding needs no mask.
+    pub fn decode_step(&self, input_ids: &Tensor, cache: &mut KvCache) -> Tensor {
+        let b = input_ids.size1().unwrap_or(0);
+        cache.reserve(1);
+        let start = cache.len;
+        let _ = cache.valid.narrow(1, start, 1).fill_(1);
+        let positions = cache.positions.clamp_max(self.config.n_positions - 1);
+        let x = self.embed(input_ids, &positions, false);
+        let visible = (!cache.dense).then(|| {
+            cache
+                .valid
+                .narrow(1, 0, start + 1)
+                .view([b, 1, 1, start + 1])
+        });
+        let x = self.blocks.iter().enumerate().fold(x, |x, (i, block)| {
+            block.decode(
+                &x,
+                visible.as_ref(),
+                (&cache.keys[i], &cache.values[i], start),
+            )
+        });
+        let _ = cache.positions.g_add_scalar_(1);
+        cache.len = start + 1;
+        let last = self.ln_f.forward(&x);
+        match &self.decode_head {
+            Some(head) => last.matmul(head).to_kind(Kind::Float),
+            None => self.head(&last).to_kind(Kind::Float),
+        }
+    }
+
     fn forward_cached_hidden(
         &self,
         input_ids: &Tensor,
@@ -228,6 +262,9 @@ impl Gpt2 {
             .to_kind(Kind::Int64)
             .sum_dim_intlist(1, false, Kind::Int64);
         cache.len = total;
+        // Whether every slot now holds a real token decides if decoding needs a mask; a prompt
+        // is read back once, which a step never does.
+        cache.dense = cache.dense && mask.all().int64_value(&[]) != 0;
         self.ln_f.forward(&x)
     }
 

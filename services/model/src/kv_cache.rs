@@ -18,6 +18,9 @@ pub struct KvCache {
     pub(crate) positions: Tensor,
     /// Slots used so far (the same for every row).
     pub(crate) len: i64,
+    /// True when every used slot of every row holds a real token, so decoding attends to all
+    /// of them without a mask. Kept on the host: asking the tensor would cost a sync per step.
+    pub(crate) dense: bool,
 }
 
 impl std::fmt::Debug for KvCache {
@@ -49,6 +52,7 @@ impl KvCache {
             valid: Tensor::zeros([batch, capacity], (Kind::Bool, device)),
             positions: Tensor::zeros([batch], (Kind::Int64, device)),
             len: 0,
+            dense: true,
         }
     }
 
@@ -107,8 +111,13 @@ impl KvCache {
             valid: keep(&self.valid),
             positions: keep(&self.positions),
             len: self.len,
+            dense: self.dense,
         };
         cache.trim_leading_padding();
+        if !cache.dense {
+            // The rows that kept padding may be the ones that left.
+            cache.dense = cache.all_used_slots_valid();
+        }
         cache
     }
 
@@ -143,7 +152,18 @@ impl KvCache {
             valid: cat(pad(a, &a.valid, 1), pad(b, &b.valid, 1)),
             positions: Tensor::cat(&[&a.positions, &b.positions], 0),
             len,
+            dense: a.dense && b.dense && a.len == b.len,
         }
+    }
+
+    /// Whether no used slot of any row is padding.
+    pub fn all_used_slots_valid(&self) -> bool {
+        self.len == 0 || self.valid.narrow(1, 0, self.len).all().int64_value(&[]) != 0
+    }
+
+    /// True when decoding this cache needs no attention mask (see `dense`).
+    pub fn is_dense(&self) -> bool {
+        self.dense
     }
 
     /// Drops slots that are padding in every row (left behind when a long sequence leaves),

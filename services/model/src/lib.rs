@@ -14,6 +14,7 @@ pub mod incremental;
 pub mod kv_cache;
 pub mod manifest;
 pub mod sampling;
+mod softmax_weights;
 pub mod tokenizer;
 pub mod torch_threads;
 

@@ -6,6 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use crate::error::{ModelError, Result};
+use crate::softmax_weights::{lane_max, SoftmaxWeights};
 
 /// How many of the most likely tokens are ordered first when looking for the top-p nucleus.
 const NUCLEUS_HEAD: usize = 256;
@@ -89,6 +90,8 @@ pub struct Sampler {
     candidates: Vec<u32>,
     weights: Vec<f64>,
     seen: Vec<u32>,
+    /// The whole-vocabulary weights when neither top-k nor top-p cuts the distribution.
+    full: SoftmaxWeights,
 }
 
 impl Sampler {
@@ -100,6 +103,7 @@ impl Sampler {
             candidates: Vec::new(),
             weights: Vec::new(),
             seen: Vec::new(),
+            full: SoftmaxWeights::default(),
         }
     }
 
@@ -130,7 +134,32 @@ impl Sampler {
             let logprob = log_softmax_at(&self.logits, token);
             return Sampled { token, logprob };
         }
+        let n = self.logits.len();
+        let top_k = self.params.top_k;
+        if (top_k == 0 || top_k >= n) && self.params.top_p >= 1.0 {
+            return self.sample_unrestricted();
+        }
         self.sample_filtered()
+    }
+
+    /// Temperature alone: every token is a candidate, so no index list is built and the
+    /// weights come from the vectorised [`SoftmaxWeights`].
+    fn sample_unrestricted(&mut self) -> Sampled {
+        let max = lane_max(&self.logits);
+        if max == f32::NEG_INFINITY {
+            // Every token is impossible: stay deterministic instead of dividing by zero.
+            return Sampled {
+                token: 0,
+                logprob: f32::NEG_INFINITY,
+            };
+        }
+        self.full
+            .fill(&self.logits, max, 1.0 / self.params.temperature);
+        let chosen = self.full.draw(self.rng.random::<f64>());
+        Sampled {
+            token: chosen as u32,
+            logprob: (f64::from(self.full.weights[chosen]) / self.full.total).ln() as f32,
+        }
     }
 
     fn apply_repetition_penalty(&mut self, previous: &[u32]) {
@@ -191,8 +220,7 @@ impl Sampler {
         let top_p = f64::from(self.params.top_p);
         let nucleus = top_p < 1.0;
         if !nucleus {
-            // One exp per candidate: over a 50k vocabulary this loop is most of the sampling
-            // time of a row, and a batch pays it once per row per step.
+            // Top-k alone: the k candidates are the distribution.
             self.weights.clear();
             self.weights
                 .extend(self.candidates.iter().map(|&i| weight(i)));

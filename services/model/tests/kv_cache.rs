@@ -159,3 +159,75 @@ fn decode_head_layout_changes_no_logits_and_keeps_one_copy_of_the_embedding() {
         assert_eq!(wte.stride(), vec![1, 300]);
     });
 }
+
+/// `decode_step` is the fast twin of a `[B, 1]` all-true `forward_cached_last`: on a cache
+/// without padding (no mask) and on a merged one with padding (mask from the valid slots), for
+/// many steps, including growth of the cache and rows leaving.
+#[test]
+fn decode_step_matches_the_general_cached_forward_with_and_without_padding() {
+    tch::no_grad(|| {
+        let model = small_model();
+        let ones = |b: i64, t: i64| Tensor::ones([b, t], (Kind::Bool, Device::Cpu));
+        let prefill = |ids: &[i64], cap: i64| {
+            let mut cache = model.new_cache(1, cap);
+            let t = ids.len() as i64;
+            let logits = model.forward_cached_last(
+                &Tensor::from_slice(ids).unsqueeze(0),
+                &ones(1, t),
+                &mut cache,
+            );
+            (cache, logits)
+        };
+        // Twins: one cache driven by decode_step, the other by the general path.
+        let (mut fast, _) = prefill(&[3, 4, 5], 2);
+        let (mut general, _) = prefill(&[3, 4, 5], 2);
+        assert!(
+            fast.is_dense(),
+            "a prompt without padding leaves the cache dense"
+        );
+        let (other_fast, _) = prefill(&[50, 60, 70, 80, 90], 4);
+        let (other_general, _) = prefill(&[50, 60, 70, 80, 90], 4);
+        fast = KvCache::merge(&fast, &other_fast);
+        general = KvCache::merge(&general, &other_general);
+        assert!(!fast.is_dense(), "rows of different lengths are padded");
+        let mut seqs = vec![vec![3i64, 4, 5], vec![50, 60, 70, 80, 90]];
+        for step in 0..40 {
+            let next: Vec<i64> = seqs
+                .iter()
+                .map(|s| (s.iter().sum::<i64>() * 7 + step) % 300)
+                .collect();
+            let rows = next.len() as i64;
+            let a = model.decode_step(&Tensor::from_slice(&next), &mut fast);
+            let b = model.forward_cached_last(
+                &Tensor::from_slice(&next).view([rows, 1]),
+                &ones(rows, 1),
+                &mut general,
+            );
+            assert!(
+                max_diff(&a, &b) < 1e-5,
+                "step {step}: diff {}",
+                max_diff(&a, &b)
+            );
+            for (row, seq) in seqs.iter_mut().enumerate() {
+                seq.push(next[row]);
+                let expected = full_last_logits(&model, seq);
+                let diff = max_diff(&a.get(row as i64), &expected);
+                assert!(
+                    diff < 1e-4,
+                    "step {step} row {row}: diff {diff} against a full forward"
+                );
+            }
+            assert_eq!(fast.positions(), general.positions());
+            if step == 20 {
+                // The short row leaves: what remains has no padding left, so no mask either.
+                fast = fast.select_rows(&[1]);
+                general = general.select_rows(&[1]);
+                seqs.remove(0);
+                assert!(
+                    fast.is_dense(),
+                    "trimming the departed row's padding makes it dense"
+                );
+            }
+        }
+    });
+}

@@ -145,11 +145,9 @@ impl Batch {
         };
         let started = Instant::now();
         let device = model.device();
-        let rows = self.seqs.len() as i64;
         let input: Vec<i64> = self.seqs.iter().map(|s| i64::from(s.next_input)).collect();
-        let ids = Tensor::from_slice(&input).view([rows, 1]).to_device(device);
-        let mask = Tensor::ones([rows, 1], (Kind::Bool, device));
-        let logits = model.forward_cached_last(&ids, &mask, cache);
+        let ids = Tensor::from_slice(&input).to_device(device);
+        let logits = model.decode_step(&ids, cache);
         let vocab = copy_logits(&logits, ctx.logits);
         let usable = tok.vocab_size();
         ctx.metrics
