@@ -149,6 +149,16 @@ impl Manager {
                     armed: true,
                 })
             }
+            // The run has emitted its end (its record turns terminal before the event goes
+            // out) and its thread is only finishing up: a client that saw `Finished` may start
+            // the next run at once instead of racing the old thread's release.
+            Slot::Running(run) if run.state().is_terminal() => {
+                *slot = Slot::Preparing;
+                Ok(SlotGuard {
+                    manager: self,
+                    armed: true,
+                })
+            }
             Slot::Preparing => Err(TrainerError::Starting),
             Slot::Running(run) => Err(TrainerError::Busy {
                 run_id: run.id.clone(),
@@ -159,6 +169,15 @@ impl Manager {
     fn release(&self) {
         *lock(&self.slot) = Slot::Idle;
         self.idle.send_replace(true);
+    }
+
+    /// Frees the slot after run `run_id`, unless the next run already took it over.
+    fn release_after(&self, run_id: &str) {
+        let mut slot = lock(&self.slot);
+        if matches!(&*slot, Slot::Running(run) if run.id == run_id) {
+            *slot = Slot::Idle;
+            self.idle.send_replace(true);
+        }
     }
 
     /// Resolves `req`, creates the run and starts its thread. Returns once the run exists;
@@ -259,14 +278,14 @@ impl Manager {
                 (RunState::Failed, format!("internal error: {what}"))
             }
         };
+        self.metrics.tokens_per_second.set(0.0);
         ctx.run.emit(train_event::Event::Finished(RunFinished {
             state: state as i32,
             message,
             last_checkpoint_id: last,
         }));
         tracing::info!(state = ?state, "run finished");
-        self.metrics.tokens_per_second.set(0.0);
-        self.release();
+        self.release_after(&ctx.run.id);
     }
 
     /// Asks a run to checkpoint and stop; answers its state (a finished run's final state).
