@@ -182,11 +182,7 @@ impl Gpt2 {
         cache: &mut KvCache,
     ) -> Tensor {
         let hidden = self.forward_cached_hidden(input_ids, mask, cache);
-        let last = hidden.select(1, -1);
-        match &self.decode_head {
-            Some(head) => last.matmul(head).to_kind(Kind::Float),
-            None => self.head(&last).to_kind(Kind::Float),
-        }
+        self.next_token_logits(&hidden.select(1, -1))
     }
 
     /// One decoding step: appends one real token per row (`input_ids` `[B]`) to the cache and
@@ -216,10 +212,15 @@ impl Gpt2 {
         });
         let _ = cache.positions.g_add_scalar_(1);
         cache.len = start + 1;
-        let last = self.ln_f.forward(&x);
+        self.next_token_logits(&self.ln_f.forward(&x))
+    }
+
+    /// f32 logits `[B, V]` of final hidden states `[B, n_embd]`, over the decode head's layout
+    /// when the model has one.
+    fn next_token_logits(&self, last: &Tensor) -> Tensor {
         match &self.decode_head {
             Some(head) => last.matmul(head).to_kind(Kind::Float),
-            None => self.head(&last).to_kind(Kind::Float),
+            None => self.head(last).to_kind(Kind::Float),
         }
     }
 

@@ -157,7 +157,7 @@ impl KvCache {
     }
 
     /// Whether no used slot of any row is padding.
-    pub fn all_used_slots_valid(&self) -> bool {
+    fn all_used_slots_valid(&self) -> bool {
         self.len == 0 || self.valid.narrow(1, 0, self.len).all().int64_value(&[]) != 0
     }
 

@@ -141,7 +141,14 @@ impl Manager {
         }
         let mut slot = lock(&self.slot);
         match &*slot {
-            Slot::Idle => {
+            Slot::Preparing => Err(TrainerError::Starting),
+            // A terminal run has emitted its end (its record turns terminal before the event
+            // goes out) and its thread is only finishing up: a client that saw `Finished` may
+            // start the next run at once instead of racing the old thread's release.
+            Slot::Running(run) if !run.state().is_terminal() => Err(TrainerError::Busy {
+                run_id: run.id.clone(),
+            }),
+            Slot::Idle | Slot::Running(_) => {
                 *slot = Slot::Preparing;
                 self.idle.send_replace(false);
                 Ok(SlotGuard {
@@ -149,20 +156,6 @@ impl Manager {
                     armed: true,
                 })
             }
-            // The run has emitted its end (its record turns terminal before the event goes
-            // out) and its thread is only finishing up: a client that saw `Finished` may start
-            // the next run at once instead of racing the old thread's release.
-            Slot::Running(run) if run.state().is_terminal() => {
-                *slot = Slot::Preparing;
-                Ok(SlotGuard {
-                    manager: self,
-                    armed: true,
-                })
-            }
-            Slot::Preparing => Err(TrainerError::Starting),
-            Slot::Running(run) => Err(TrainerError::Busy {
-                run_id: run.id.clone(),
-            }),
         }
     }
 
