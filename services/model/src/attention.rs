@@ -39,9 +39,9 @@ impl Conv1D {
 
 #[derive(Debug)]
 pub(crate) struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
     dim: i64,
 }
 
@@ -76,14 +76,14 @@ pub(crate) enum AttentionMask<'a> {
 
 #[derive(Debug)]
 pub(crate) struct Block {
-    ln_1: LayerNorm,
-    c_attn: Conv1D,
-    attn_proj: Conv1D,
-    ln_2: LayerNorm,
-    c_fc: Conv1D,
-    mlp_proj: Conv1D,
-    n_head: i64,
-    activation: String,
+    pub ln_1: LayerNorm,
+    pub c_attn: Conv1D,
+    pub attn_proj: Conv1D,
+    pub ln_2: LayerNorm,
+    pub c_fc: Conv1D,
+    pub mlp_proj: Conv1D,
+    pub n_head: i64,
+    pub activation: String,
     attn_pdrop: f64,
     resid_pdrop: f64,
 }

@@ -4,6 +4,7 @@
 
 use crate::attention::{compute_kind, AttentionMask, Block, LayerNorm};
 use crate::config::Gpt2Config;
+use crate::cpu_decode;
 use crate::device::WeightDtype;
 use crate::error::{ModelError, Result};
 use crate::hf_weights;
@@ -190,7 +191,38 @@ impl Gpt2 {
     /// [`forward_cached_last`](Self::forward_cached_last) with a `[B, 1]` all-true mask. It
     /// skips what that general path builds for prompts: every row's position is its count of
     /// real tokens, the query sees every valid slot, and a cache without padding needs no mask.
+    ///
+    /// On CPU in f32, once [`enable_decode_head`](Self::enable_decode_head) has run, a step of
+    /// up to four rows is [`decode_step_fused`](Self::decode_step_fused).
     pub fn decode_step(&self, input_ids: &Tensor, cache: &mut KvCache) -> Tensor {
+        match self.decode_step_fused(input_ids, cache) {
+            Some(logits) => logits,
+            None => self.decode_step_libtorch(input_ids, cache),
+        }
+    }
+
+    /// [`decode_step`](Self::decode_step) as one fused pass over the weights, shared by a
+    /// small thread team (see `cpu_decode`), when it applies: CPU, f32, the decode head
+    /// enabled, at most four rows and a tanh-GELU or ReLU activation. `None` otherwise, with
+    /// the cache unchanged.
+    pub fn decode_step_fused(&self, input_ids: &Tensor, cache: &mut KvCache) -> Option<Tensor> {
+        let head = self.decode_head.as_ref()?;
+        if self.dtype != WeightDtype::F32 {
+            return None;
+        }
+        let view = cpu_decode::ModelView {
+            blocks: &self.blocks,
+            wpe: &self.wpe,
+            ln_f: &self.ln_f,
+            head,
+            n_positions: self.config.n_positions,
+        };
+        cpu_decode::decode_step(&view, input_ids, cache)
+    }
+
+    /// [`decode_step`](Self::decode_step) through libtorch's operations on any device, dtype
+    /// and batch size; the fused CPU pass must agree with it.
+    pub fn decode_step_libtorch(&self, input_ids: &Tensor, cache: &mut KvCache) -> Tensor {
         let b = input_ids.size1().unwrap_or(0);
         cache.reserve(1);
         let start = cache.len;

@@ -4,6 +4,9 @@
 mod attention;
 pub mod checkpoint;
 pub mod config;
+mod cpu_decode;
+mod cpu_kernels;
+mod cpu_team;
 pub mod cuda_backend;
 pub mod device;
 pub mod error;
