@@ -43,26 +43,42 @@ pub(crate) struct Team {
 impl Team {
     /// A team of `members` threads in all: the caller of [`run`](Self::run) and
     /// `members - 1` helpers.
+    /// If a helper cannot be started, the team is the caller alone: members must be numbered
+    /// without gaps for the work to be split completely.
     pub fn new(members: usize) -> Team {
         let helper_count = members.max(1) - 1;
-        let shared = Arc::new(Shared {
-            epoch: AtomicU64::new(0),
-            job: AtomicPtr::new(std::ptr::null_mut()),
-            done: AtomicUsize::new(0),
-            panicked: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            parked: (0..helper_count).map(|_| AtomicBool::new(false)).collect(),
-        });
-        let helpers = (0..helper_count)
-            .filter_map(|i| {
-                let shared = Arc::clone(&shared);
-                std::thread::Builder::new()
-                    .name(format!("decode-helper-{}", i + 1))
-                    .spawn(move || helper_loop(&shared, i))
-                    .ok()
+        let shared = |helper_count: usize| {
+            Arc::new(Shared {
+                epoch: AtomicU64::new(0),
+                job: AtomicPtr::new(std::ptr::null_mut()),
+                done: AtomicUsize::new(0),
+                panicked: AtomicBool::new(false),
+                stop: AtomicBool::new(false),
+                parked: (0..helper_count).map(|_| AtomicBool::new(false)).collect(),
             })
-            .collect::<Vec<_>>();
-        Team { shared, helpers }
+        };
+        let mut team = Team {
+            shared: shared(helper_count),
+            helpers: Vec::with_capacity(helper_count),
+        };
+        for i in 0..helper_count {
+            let for_helper = Arc::clone(&team.shared);
+            let spawned = std::thread::Builder::new()
+                .name(format!("decode-helper-{}", i + 1))
+                .spawn(move || helper_loop(&for_helper, i));
+            match spawned {
+                Ok(handle) => team.helpers.push(handle),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start a decoding helper; decoding alone");
+                    drop(team); // stops and joins the helpers already started
+                    return Team {
+                        shared: shared(0),
+                        helpers: Vec::new(),
+                    };
+                }
+            }
+        }
+        team
     }
 
     /// Members, the caller included.
