@@ -121,6 +121,17 @@ fn decode_rows(
     let positions = Vec::<i64>::try_from(&cache.positions)
         .ok()
         .filter(|p| p.len() == rows)?;
+    // x = token embedding (a column of the [n_embd, vocab] head) + position embedding.
+    let mut x = vec![0f32; rows * d];
+    for (r, (&id, &pos)) in ids.iter().zip(&positions).enumerate() {
+        let pos = usize::try_from(pos.clamp(0, model.n_positions - 1)).ok()?;
+        let position = wpe.get(pos * d..(pos + 1) * d)?;
+        for (j, (xj, &p)) in x[r * d..(r + 1) * d].iter_mut().zip(position).enumerate() {
+            *xj = head[j * vocab + id as usize] + p;
+        }
+    }
+    let logits = Tensor::empty([rows as i64, vocab as i64], (Kind::Float, Device::Cpu));
+    let out = mut_f32s(&logits)?;
     // Nothing returns `None` past this point: the cache changes from here on.
     let valid_ptr = cache.valid.data_ptr().cast::<bool>();
     // SAFETY: `valid` is a contiguous rows × cap bool tensor (checked above) and `start < cap`
@@ -133,15 +144,6 @@ fn decode_rows(
     };
     let visible = |r: usize| (!cache.dense).then(|| &valid[r * cap..r * cap + start + 1]);
 
-    // x = token embedding (a column of the [n_embd, vocab] head) + position embedding.
-    let mut x = vec![0f32; rows * d];
-    for (r, (&id, &pos)) in ids.iter().zip(&positions).enumerate() {
-        let pos = usize::try_from(pos.clamp(0, model.n_positions - 1)).ok()?;
-        let position = wpe.get(pos * d..(pos + 1) * d)?;
-        for (j, (xj, &p)) in x[r * d..(r + 1) * d].iter_mut().zip(position).enumerate() {
-            *xj = head[j * vocab + id as usize] + p;
-        }
-    }
     let mut h = vec![0f32; rows * d];
     let mut qkv = vec![0f32; rows * 3 * d];
     let mut att = vec![0f32; rows * d];
@@ -170,8 +172,6 @@ fn decode_rows(
         x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
     }
     normalise_rows(&x, ln_f, d, &mut h);
-    let logits = Tensor::empty([rows as i64, vocab as i64], (Kind::Float, Device::Cpu));
-    let out = mut_f32s(&logits)?;
     // SAFETY: `logits` is a fresh contiguous rows × vocab f32 tensor, written only here.
     let out = unsafe { std::slice::from_raw_parts_mut(out.ptr(), rows * vocab) };
     let p = Product {
