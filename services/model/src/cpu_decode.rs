@@ -148,6 +148,8 @@ fn decode_rows(
     let mut qkv = vec![0f32; rows * 3 * d];
     let mut att = vec![0f32; rows * d];
     let mut y = vec![0f32; rows * d];
+    let inner = layers.first().map_or(0, |l| l.fc_b.len());
+    let mut f = vec![0f32; rows * inner];
     let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     for (layer, (keys, values)) in layers.iter().zip(&kv) {
         normalise_rows(&x, &layer.ln_1, d, &mut h);
@@ -164,7 +166,6 @@ fn decode_rows(
         product(team, p, &mut scratch, &mut y);
         x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
         normalise_rows(&x, &layer.ln_2, d, &mut h);
-        let mut f = vec![0f32; rows * layer.fc_b.len()];
         let p = biased(&h, rows, layer.fc_w, layer.fc_b, layer.epilogue);
         product(team, p, &mut scratch, &mut f);
         let p = biased(&f, rows, layer.mlp_w, layer.mlp_b, Epilogue::None);

@@ -21,6 +21,16 @@ pub(crate) enum Epilogue {
     Relu,
 }
 
+impl Epilogue {
+    fn apply(self, values: &mut [f32]) {
+        match self {
+            Epilogue::None => {}
+            Epilogue::GeluTanh => values.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
+            Epilogue::Relu => values.iter_mut().for_each(|v| *v = v.max(0.0)),
+        }
+    }
+}
+
 /// `epilogue(bias + x · w)` for a few rows: `x` is `rows × k`, `w` is `k × n` row-major (HF's
 /// Conv1D layout).
 #[derive(Clone, Copy)]
@@ -107,11 +117,7 @@ unsafe fn write_columns_portable(p: &Product<'_>, cols: Range<usize>, out: *mut 
         }
     }
     for row in sums.iter_mut().take(rows) {
-        match epilogue {
-            Epilogue::None => {}
-            Epilogue::GeluTanh => row.iter_mut().for_each(|s| *s = gelu_tanh(*s)),
-            Epilogue::Relu => row.iter_mut().for_each(|s| *s = s.max(0.0)),
-        }
+        epilogue.apply(row);
     }
 }
 
@@ -143,11 +149,7 @@ pub(crate) unsafe fn sum_partials(
             let part = &partials[(m * rows + r) * n..][cols.clone()];
             dst.iter_mut().zip(part).for_each(|(d, &p)| *d += p);
         }
-        match epilogue {
-            Epilogue::None => {}
-            Epilogue::GeluTanh => dst.iter_mut().for_each(|s| *s = gelu_tanh(*s)),
-            Epilogue::Relu => dst.iter_mut().for_each(|s| *s = s.max(0.0)),
-        }
+        epilogue.apply(dst);
     }
 }
 

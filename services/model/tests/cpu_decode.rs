@@ -2,16 +2,14 @@
 //! to four rows, with and without padding, while the cache grows and rows leave; and it steps
 //! aside where it does not apply.
 
-use synopsis_model::{Gpt2, Gpt2Config, KvCache};
+mod support;
+
+use support::{max_diff, two_layer_config};
+use synopsis_model::{Gpt2, KvCache};
 use tch::{Device, Kind, Tensor};
 
 fn serving_model(activation: &str) -> Gpt2 {
-    let mut config = Gpt2Config::preset("tiny").unwrap();
-    config.n_layer = 2;
-    config.n_embd = 64;
-    config.n_head = 4;
-    config.n_positions = 128;
-    config.vocab_size = 300;
+    let mut config = two_layer_config();
     config.activation_function = activation.to_string();
     tch::manual_seed(23);
     let mut model = Gpt2::new(&config, Device::Cpu);
@@ -25,10 +23,6 @@ fn serving_model(activation: &str) -> Gpt2 {
     });
     model.enable_decode_head();
     model
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
 }
 
 fn prefill(model: &Gpt2, ids: &[i64], capacity: i64) -> KvCache {

@@ -1,26 +1,19 @@
 //! Cached decoding agrees with a full forward pass, for batches whose rows differ in length.
 
-use synopsis_model::{Gpt2, Gpt2Config, KvCache};
+mod support;
+
+use support::{max_diff, two_layer_config};
+use synopsis_model::{Gpt2, KvCache};
 use tch::{Device, Kind, Tensor};
 
 fn small_model() -> Gpt2 {
-    let mut config = Gpt2Config::preset("tiny").unwrap();
-    config.n_layer = 2;
-    config.n_embd = 64;
-    config.n_head = 4;
-    config.n_positions = 128;
-    config.vocab_size = 300;
     tch::manual_seed(11);
-    Gpt2::new(&config, Device::Cpu)
+    Gpt2::new(&two_layer_config(), Device::Cpu)
 }
 
 fn full_last_logits(model: &Gpt2, ids: &[i64]) -> Tensor {
     let logits = model.forward(&Tensor::from_slice(ids).unsqueeze(0), false);
     logits.select(1, -1).squeeze_dim(0)
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
 }
 
 #[test]

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use synopsis_model::Gpt2Config;
+use tch::Tensor;
 
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -47,5 +49,22 @@ pub fn read_tensor(path: &Path, name: &str) -> tch::Tensor {
 }
 
 pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+/// A two-layer, 64-wide GPT-2 over a 300-token vocabulary: big enough for multi-head attention
+/// and a cache that grows, small enough that every step runs in microseconds.
+pub fn two_layer_config() -> Gpt2Config {
+    let mut config = Gpt2Config::preset("tiny").unwrap();
+    config.n_layer = 2;
+    config.n_embd = 64;
+    config.n_head = 4;
+    config.n_positions = 128;
+    config.vocab_size = 300;
+    config
+}
+
+/// The largest absolute difference between two tensors.
+pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
