@@ -1,5 +1,5 @@
-//! Single-token decoding of a few rows on CPU as one pass over the weights, shared by a small
-//! thread team. Through libtorch a step of a small model is ~15 operations per layer, each with
+//! Single-token decoding of up to 16 rows on CPU (4 without AVX2) as one pass over the weights,
+//! shared by a small thread team. Through libtorch a step of a small model is ~15 operations per layer, each with
 //! its dispatch, allocation and OpenMP fork and join, and these cost more than reading the
 //! layer's weights; here a layer is five team jobs over plain f32 slices. Larger batches keep
 //! libtorch's path, whose matrix-matrix products win once the weights are reused enough.
@@ -7,7 +7,7 @@
 #![allow(unsafe_code)]
 
 use crate::attention::{Block, LayerNorm};
-use crate::cpu_kernels::{attend, layer_norm, sum_partials, Epilogue, Product, MAX_ROWS};
+use crate::cpu_kernels::{attend, layer_norm, max_rows, sum_partials, Epilogue, Product};
 use crate::cpu_team::Team;
 use crate::kv_cache::KvCache;
 use std::ops::Range;
@@ -41,7 +41,7 @@ pub(crate) struct ModelView<'a> {
 }
 
 /// The logits of the fused step when it applies to this step: a CPU model in f32 with a
-/// supported activation and at most [`MAX_ROWS`] rows. `None` means the caller decodes
+/// supported activation and at most [`max_rows`] rows. `None` means the caller decodes
 /// through libtorch; the cache has then not changed (beyond spare capacity).
 pub(crate) fn decode_step(
     model: &ModelView<'_>,
@@ -49,7 +49,7 @@ pub(crate) fn decode_step(
     cache: &mut KvCache,
 ) -> Option<Tensor> {
     let rows = usize::try_from(input_ids.size1().ok()?).ok()?;
-    if rows == 0 || rows > MAX_ROWS || input_ids.device() != Device::Cpu {
+    if rows == 0 || rows > max_rows() || input_ids.device() != Device::Cpu {
         return None;
     }
     let layers = model

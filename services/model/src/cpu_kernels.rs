@@ -9,8 +9,23 @@
 use crate::softmax_weights::exp_nonpositive;
 use std::ops::Range;
 
-/// Most rows a [`Product`] takes.
+/// Most rows the single-sweep product takes; [`max_rows`] is the limit for callers.
 pub(crate) const MAX_ROWS: usize = 4;
+
+/// Most rows a [`Product`] takes on this CPU: past [`MAX_ROWS`], only the register-blocked
+/// kernels, which need AVX2 and FMA, beat libtorch's matrix products.
+pub(crate) fn max_rows() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        return crate::cpu_tiles::MAX_ROWS;
+    }
+    MAX_ROWS
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+}
 
 /// What follows the sum of a product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,7 +37,7 @@ pub(crate) enum Epilogue {
 }
 
 impl Epilogue {
-    fn apply(self, values: &mut [f32]) {
+    pub(crate) fn apply(self, values: &mut [f32]) {
         match self {
             Epilogue::None => {}
             Epilogue::GeluTanh => values.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
@@ -44,16 +59,21 @@ pub(crate) struct Product<'a> {
 }
 
 impl Product<'_> {
-    /// Writes columns `cols` of the `rows × n` result at `out`.
+    /// Writes columns `cols` of the `rows × n` result at `out`; `rows` is at most [`max_rows`].
     ///
     /// # Safety
     /// `out` must be valid for writes of `rows × n` f32 and no other thread may touch columns
     /// `cols` of it during the call.
     pub(crate) unsafe fn write_columns(&self, cols: Range<usize>, out: *mut f32) {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected; the contract is the caller's.
-            unsafe { write_columns_avx2(self, cols, out) };
+        if has_avx2_fma() {
+            if self.rows > MAX_ROWS {
+                // SAFETY: the features were just detected; the contract is the caller's.
+                unsafe { crate::cpu_tiles::write_columns(self, cols, out) };
+            } else {
+                // SAFETY: as above.
+                unsafe { write_columns_avx2(self, cols, out) };
+            }
             return;
         }
         // SAFETY: the caller's contract.
@@ -231,10 +251,16 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn reference_product(x: &[f32], rows: usize, w: &[f32], n: usize, bias: &[f32]) -> Vec<f64> {
+    pub(crate) fn reference_product(
+        x: &[f32],
+        rows: usize,
+        w: &[f32],
+        n: usize,
+        bias: &[f32],
+    ) -> Vec<f64> {
         let k = x.len() / rows;
         let mut out = vec![0f64; rows * n];
         for r in 0..rows {

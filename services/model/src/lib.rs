@@ -7,6 +7,8 @@ pub mod config;
 mod cpu_decode;
 mod cpu_kernels;
 mod cpu_team;
+#[cfg(target_arch = "x86_64")]
+mod cpu_tiles;
 pub mod cuda_backend;
 pub mod device;
 pub mod error;

@@ -1,6 +1,6 @@
-//! The fused CPU decoding step agrees with libtorch's step: same logits, same cache, for one
-//! to four rows, with and without padding, while the cache grows and rows leave; and it steps
-//! aside where it does not apply.
+//! The fused CPU decoding step agrees with libtorch's step: same logits, same cache, from one
+//! row up to the most it takes, with and without padding, while the cache grows and rows
+//! leave; and it steps aside where it does not apply.
 
 mod support;
 
@@ -88,18 +88,28 @@ fn four_rows_and_the_relu_activation_match_libtorch() {
 }
 
 #[test]
-fn the_fused_pass_declines_five_rows_exact_gelu_and_models_without_the_decode_head() {
+fn the_most_padded_rows_the_fused_pass_takes_match_libtorch() {
+    // 16 rows with AVX2: past four, the products go through the register-blocked kernels.
+    let prompts: Vec<Vec<i64>> = (0..Gpt2::fused_decode_rows() as i64)
+        .map(|i| (0..1 + i % 5).map(|j| 10 * i + j + 1).collect())
+        .collect();
+    assert_twins_agree(&serving_model("gelu_new"), &prompts, 20, Some(12));
+}
+
+#[test]
+fn the_fused_pass_declines_one_row_too_many_exact_gelu_and_models_without_the_decode_head() {
     tch::no_grad(|| {
         let model = serving_model("gelu_new");
-        let five: Vec<KvCache> = (0..5)
+        let rows = Gpt2::fused_decode_rows() as i64 + 1;
+        let many: Vec<KvCache> = (0..rows)
             .map(|i| prefill(&model, &[i + 1, i + 2], 8))
             .collect();
-        let mut cache = five
+        let mut cache = many
             .into_iter()
             .reduce(|a, b| KvCache::merge(&a, &b))
             .unwrap();
         let before = (cache.len(), cache.positions());
-        let ids = Tensor::from_slice(&[1i64, 2, 3, 4, 5]);
+        let ids = Tensor::from_slice(&(1..=rows).collect::<Vec<i64>>());
         assert!(model.decode_step_fused(&ids, &mut cache).is_none());
         assert_eq!(
             (cache.len(), cache.positions()),
@@ -107,7 +117,7 @@ fn the_fused_pass_declines_five_rows_exact_gelu_and_models_without_the_decode_he
             "a declined step changes nothing"
         );
         // decode_step still serves it, through libtorch.
-        assert_eq!(model.decode_step(&ids, &mut cache).size(), vec![5, 300]);
+        assert_eq!(model.decode_step(&ids, &mut cache).size(), vec![rows, 300]);
 
         let exact = serving_model("gelu");
         let mut cache = prefill(&exact, &[1, 2, 3], 8);
