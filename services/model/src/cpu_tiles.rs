@@ -11,7 +11,8 @@ use std::ops::Range;
 
 /// Most rows these kernels take. Measured on GPT-2 small (2 cores, AVX-512), a decode step
 /// against libtorch's: 8 rows 40 against 45–49 ms, 16 rows 50–55 against 56–66 ms, 32 rows
-/// 92 against 81 ms; past 16, libtorch's packed matrix products win.
+/// 92–94 against 81–102 ms, 64 rows 158–163 against 119–136 ms: past 16, libtorch's packed
+/// matrix products are as fast or faster.
 pub(crate) const MAX_ROWS: usize = 16;
 /// Weight rows per pass over a column block: the block's sums go back to memory after each
 /// pass, which is cheap next to the multiply-adds of 16 weight rows.
