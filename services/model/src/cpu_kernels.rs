@@ -274,18 +274,39 @@ pub(crate) mod tests {
         out
     }
 
+    /// Inputs of a `rows × k` by `k × n` product with a bias: `(x, w, bias)`, varied values.
+    pub(crate) fn product_inputs(
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let x = (0..rows * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+            .collect();
+        let w = (0..k * n)
+            .map(|i| ((i * 11 % 17) as f32 - 8.0) * 0.05)
+            .collect();
+        let bias = (0..n).map(|i| (i % 5) as f32 * 0.01).collect();
+        (x, w, bias)
+    }
+
+    /// Asserts `out` is `expected` within 1e-4 everywhere, naming the first element that is not.
+    pub(crate) fn assert_close(out: &[f32], expected: &[f64], what: &str) {
+        assert_eq!(out.len(), expected.len(), "{what}: size");
+        for (i, (&got, &want)) in out.iter().zip(expected).enumerate() {
+            assert!(
+                (f64::from(got) - want).abs() < 1e-4,
+                "{what}, element {i}: {got} vs {want}"
+            );
+        }
+    }
+
     #[allow(unsafe_code)]
     #[test]
     fn column_ranges_of_a_product_assemble_the_whole_product() {
         // k not a multiple of 4 and n not a multiple of the block, to cover every tail.
         let (rows, k, n) = (3, 67, 2085);
-        let x: Vec<f32> = (0..rows * k)
-            .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
-            .collect();
-        let w: Vec<f32> = (0..k * n)
-            .map(|i| ((i * 11 % 17) as f32 - 8.0) * 0.05)
-            .collect();
-        let bias: Vec<f32> = (0..n).map(|i| (i % 5) as f32 * 0.01).collect();
+        let (x, w, bias) = product_inputs(rows, k, n);
         let mut out = vec![f32::NAN; rows * n];
         let split = 1000;
         for cols in [0..split, split..n] {
@@ -300,13 +321,7 @@ pub(crate) mod tests {
             };
             unsafe { product.write_columns(cols, out.as_mut_ptr()) };
         }
-        let expected = reference_product(&x, rows, &w, n, &bias);
-        for (i, (&got, &want)) in out.iter().zip(&expected).enumerate() {
-            assert!(
-                (f64::from(got) - want).abs() < 1e-4,
-                "element {i}: {got} vs {want}"
-            );
-        }
+        assert_close(&out, &reference_product(&x, rows, &w, n, &bias), "3 rows");
     }
 
     #[test]

@@ -245,7 +245,8 @@ register_kernel!(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu_kernels::{tests::reference_product, Epilogue};
+    use crate::cpu_kernels::tests::{assert_close, product_inputs, reference_product};
+    use crate::cpu_kernels::Epilogue;
 
     /// Every kernel this CPU can run against an f64 reference: groups of every size, column
     /// tails, several tiles and a bias.
@@ -266,13 +267,7 @@ mod tests {
         ];
         // n = 9000: two tiles of 16 rows (4096 columns each) and a tail shorter than a block.
         for (rows, k, n) in [(5, 67, 2085), (13, 33, 2085), (16, 70, 9000)] {
-            let x: Vec<f32> = (0..rows * k)
-                .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
-                .collect();
-            let w: Vec<f32> = (0..k * n)
-                .map(|i| ((i * 11 % 17) as f32 - 8.0) * 0.05)
-                .collect();
-            let bias: Vec<f32> = (0..n).map(|i| (i % 5) as f32 * 0.01).collect();
+            let (x, w, bias) = product_inputs(rows, k, n);
             let expected = reference_product(&x, rows, &w, n, &bias);
             for (name, available, kernel) in kernels {
                 if !available {
@@ -292,12 +287,7 @@ mod tests {
                     // and the calls write disjoint columns.
                     unsafe { kernel(&product, cols, out.as_mut_ptr()) };
                 }
-                for (i, (&got, &want)) in out.iter().zip(&expected).enumerate() {
-                    assert!(
-                        (f64::from(got) - want).abs() < 1e-4,
-                        "{name}, {rows} rows, element {i}: {got} vs {want}"
-                    );
-                }
+                assert_close(&out, &expected, &format!("{name}, {rows} rows"));
             }
         }
     }
