@@ -1,8 +1,9 @@
-//! Single-token decoding of up to 16 rows on CPU (4 without AVX2) as one pass over the weights,
-//! shared by a small thread team. Through libtorch a step of a small model is ~15 operations per layer, each with
-//! its dispatch, allocation and OpenMP fork and join, and these cost more than reading the
-//! layer's weights; here a layer is five team jobs over plain f32 slices. Larger batches keep
-//! libtorch's path, whose matrix-matrix products win once the weights are reused enough.
+//! Single-token decoding of up to 16 rows on CPU (4 without AVX2) as one pass over the
+//! weights, shared by a small thread team. Through libtorch a step of a small model is ~15
+//! operations per layer, each with its dispatch, allocation and OpenMP fork and join, and these
+//! cost more than reading the layer's weights; here a layer is five team jobs over plain f32
+//! slices. Larger batches keep libtorch's path, whose matrix-matrix products win once the
+//! weights are reused enough.
 
 #![allow(unsafe_code)]
 

@@ -254,13 +254,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub(crate) mod tests {
     use super::*;
 
-    pub(crate) fn reference_product(
-        x: &[f32],
-        rows: usize,
-        w: &[f32],
-        n: usize,
-        bias: &[f32],
-    ) -> Vec<f64> {
+    fn reference_product(x: &[f32], rows: usize, w: &[f32], n: usize, bias: &[f32]) -> Vec<f64> {
         let k = x.len() / rows;
         let mut out = vec![0f64; rows * n];
         for r in 0..rows {
@@ -274,26 +268,34 @@ pub(crate) mod tests {
         out
     }
 
-    /// Inputs of a `rows × k` by `k × n` product with a bias: `(x, w, bias)`, varied values.
-    pub(crate) fn product_inputs(
-        rows: usize,
-        k: usize,
-        n: usize,
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let x = (0..rows * k)
+    /// Writes a `rows × k` by `k × n` product with a bias in two column ranges through `write`,
+    /// and asserts the result is the f64 reference's within 1e-4 everywhere.
+    pub(crate) fn assert_product_in_two_ranges(
+        (rows, k, n): (usize, usize, usize),
+        what: &str,
+        write: impl Fn(&Product<'_>, Range<usize>, *mut f32),
+    ) {
+        let x: Vec<f32> = (0..rows * k)
             .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
             .collect();
-        let w = (0..k * n)
+        let w: Vec<f32> = (0..k * n)
             .map(|i| ((i * 11 % 17) as f32 - 8.0) * 0.05)
             .collect();
-        let bias = (0..n).map(|i| (i % 5) as f32 * 0.01).collect();
-        (x, w, bias)
-    }
-
-    /// Asserts `out` is `expected` within 1e-4 everywhere, naming the first element that is not.
-    pub(crate) fn assert_close(out: &[f32], expected: &[f64], what: &str) {
-        assert_eq!(out.len(), expected.len(), "{what}: size");
-        for (i, (&got, &want)) in out.iter().zip(expected).enumerate() {
+        let bias: Vec<f32> = (0..n).map(|i| (i % 5) as f32 * 0.01).collect();
+        let product = Product {
+            x: &x,
+            rows,
+            w: &w,
+            n,
+            bias: Some(&bias),
+            epilogue: Epilogue::None,
+        };
+        let mut out = vec![f32::NAN; rows * n];
+        for cols in [0..1000, 1000..n] {
+            write(&product, cols, out.as_mut_ptr());
+        }
+        let expected = reference_product(&x, rows, &w, n, &bias);
+        for (i, (&got, &want)) in out.iter().zip(&expected).enumerate() {
             assert!(
                 (f64::from(got) - want).abs() < 1e-4,
                 "{what}, element {i}: {got} vs {want}"
@@ -305,23 +307,10 @@ pub(crate) mod tests {
     #[test]
     fn column_ranges_of_a_product_assemble_the_whole_product() {
         // k not a multiple of 4 and n not a multiple of the block, to cover every tail.
-        let (rows, k, n) = (3, 67, 2085);
-        let (x, w, bias) = product_inputs(rows, k, n);
-        let mut out = vec![f32::NAN; rows * n];
-        let split = 1000;
-        for cols in [0..split, split..n] {
+        assert_product_in_two_ranges((3, 67, 2085), "3 rows", |product, cols, out| {
             // SAFETY: `out` holds rows × n values and the calls write disjoint columns.
-            let product = Product {
-                x: &x,
-                rows,
-                w: &w,
-                n,
-                bias: Some(&bias),
-                epilogue: Epilogue::None,
-            };
-            unsafe { product.write_columns(cols, out.as_mut_ptr()) };
-        }
-        assert_close(&out, &reference_product(&x, rows, &w, n, &bias), "3 rows");
+            unsafe { product.write_columns(cols, out) }
+        });
     }
 
     #[test]
