@@ -89,6 +89,24 @@ pub(crate) struct Block {
 }
 
 impl Block {
+    /// Every weight and bias of the block.
+    pub fn tensors_mut(&mut self) -> [&mut Tensor; 12] {
+        [
+            &mut self.ln_1.weight,
+            &mut self.ln_1.bias,
+            &mut self.c_attn.weight,
+            &mut self.c_attn.bias,
+            &mut self.attn_proj.weight,
+            &mut self.attn_proj.bias,
+            &mut self.ln_2.weight,
+            &mut self.ln_2.bias,
+            &mut self.c_fc.weight,
+            &mut self.c_fc.bias,
+            &mut self.mlp_proj.weight,
+            &mut self.mlp_proj.bias,
+        ]
+    }
+
     pub fn new(path: nn::Path, cfg: &Gpt2Config) -> Self {
         let d = cfg.n_embd;
         // GPT-2 scales the init of residual projections by 1/sqrt(2 * n_layer).

@@ -1,28 +1,25 @@
 //! Single-token decoding of up to 16 rows on CPU (4 without AVX2) as one pass over the
 //! weights, shared by a small thread team. Through libtorch a step of a small model is ~15
 //! operations per layer, each with its dispatch, allocation and OpenMP fork and join, and these
-//! cost more than reading the layer's weights; here a layer is five team jobs over plain f32
-//! slices. Larger batches keep libtorch's path, whose matrix-matrix products win once the
-//! weights are reused enough.
+//! cost more than reading the layer's weights; here a layer is four team jobs over plain f32
+//! slices (see `cpu_step`). Larger batches keep libtorch's path, whose matrix-matrix products
+//! win once the weights are reused enough. This module checks that a step applies and lays its
+//! inputs out; `cpu_step` runs it.
 
 #![allow(unsafe_code)]
 
 use crate::attention::{Block, LayerNorm};
-use crate::cpu_kernels::{attend, layer_norm, max_rows, sum_partials, Epilogue, Product};
+use crate::cpu_kernels::{max_rows, Epilogue};
+use crate::cpu_step::{CacheSlots, Step, Workspace};
 use crate::cpu_team::Team;
 use crate::kv_cache::KvCache;
-use std::ops::Range;
 use tch::{Device, Kind, Tensor};
-
-/// Column ranges are cut at multiples of one cache line of f32, so members never share one.
-const COLUMN_ALIGN: usize = 16;
 
 thread_local! {
     /// One team per decoding thread (the engine's), sized like libtorch's thread count.
     static TEAM: Team = Team::new(team_size());
-    /// Partial sums of the large products, kept between steps: allocating the head's (hundreds
-    /// of KiB) each step would fault fresh pages in every time.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The step's buffers, kept between steps.
+    static WORKSPACE: std::cell::RefCell<Workspace> = std::cell::RefCell::new(Workspace::default());
 }
 
 fn team_size() -> usize {
@@ -53,6 +50,8 @@ pub(crate) fn decode_step(
     if rows == 0 || rows > max_rows() || input_ids.device() != Device::Cpu {
         return None;
     }
+    // The checks and conversions below take about as long as a parked helper takes to wake.
+    let _ = TEAM.try_with(Team::wake);
     let layers = model
         .blocks
         .iter()
@@ -145,199 +144,40 @@ fn decode_rows(
     };
     let visible = |r: usize| (!cache.dense).then(|| &valid[r * cap..r * cap + start + 1]);
 
-    let mut h = vec![0f32; rows * d];
-    let mut qkv = vec![0f32; rows * 3 * d];
-    let mut att = vec![0f32; rows * d];
-    let mut y = vec![0f32; rows * d];
-    let inner = layers.first().map_or(0, |l| l.fc_b.len());
-    let mut f = vec![0f32; rows * inner];
-    let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    for (layer, (keys, values)) in layers.iter().zip(&kv) {
-        normalise_rows(&x, &layer.ln_1, d, &mut h);
-        let p = biased(&h, rows, layer.attn_w, layer.attn_b, Epilogue::None);
-        product(team, p, &mut scratch, &mut qkv);
-        let slots = CacheSlots {
-            keys: *keys,
-            values: *values,
+    let caches: Vec<CacheSlots> = kv
+        .iter()
+        .map(|&(keys, values)| CacheSlots {
+            keys,
+            values,
             cap,
             start,
-        };
-        attend_heads(team, &qkv, layer.heads, d, rows, slots, &visible, &mut att);
-        let p = biased(&att, rows, layer.proj_w, layer.proj_b, Epilogue::None);
-        product(team, p, &mut scratch, &mut y);
-        x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
-        normalise_rows(&x, &layer.ln_2, d, &mut h);
-        let p = biased(&h, rows, layer.fc_w, layer.fc_b, layer.epilogue);
-        product(team, p, &mut scratch, &mut f);
-        let p = biased(&f, rows, layer.mlp_w, layer.mlp_b, Epilogue::None);
-        product(team, p, &mut scratch, &mut y);
-        x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
-    }
-    normalise_rows(&x, ln_f, d, &mut h);
-    // SAFETY: `logits` is a fresh contiguous rows × vocab f32 tensor, written only here.
-    let out = unsafe { std::slice::from_raw_parts_mut(out.ptr(), rows * vocab) };
-    let p = Product {
-        x: &h,
+        })
+        .collect();
+    let step = Step {
+        team,
         rows,
-        w: head,
-        n: vocab,
-        bias: None,
-        epilogue: Epilogue::None,
+        d,
+        layers,
+        caches: &caches,
+        visible: &visible,
+        ln_f,
+        head,
+        vocab,
     };
-    product(team, p, &mut scratch, out);
-    SCRATCH.with(|s| *s.borrow_mut() = scratch);
+    WORKSPACE.with(|workspace| {
+        // SAFETY: `logits` is a fresh contiguous rows × vocab f32 tensor, written only here;
+        // each cache is [rows, heads, cap, head_dim] (checked above) and start < cap.
+        unsafe { step.run(&x, &mut workspace.borrow_mut(), out) };
+    });
     let _ = cache.positions.g_add_scalar_(1);
     cache.len = start as i64 + 1;
     Some(logits)
 }
 
-/// `epilogue(x · w + bias)` with as many columns as the bias.
-fn biased<'a>(
-    x: &'a [f32],
-    rows: usize,
-    w: &'a [f32],
-    bias: &'a [f32],
-    epilogue: Epilogue,
-) -> Product<'a> {
-    Product {
-        x,
-        rows,
-        w,
-        n: bias.len(),
-        bias: Some(bias),
-        epilogue,
-    }
-}
-
-/// One layer's cache: where the new slot goes and how many slots a (row, head) has.
-#[derive(Clone, Copy)]
-struct CacheSlots {
-    keys: SyncPtr,
-    values: SyncPtr,
-    cap: usize,
-    start: usize,
-}
-
-/// Stores each row's new key and value in the cache, then attends, one (row, head) unit at a
-/// time, the units dealt round the team.
-#[allow(clippy::too_many_arguments)]
-fn attend_heads<'v>(
-    team: &Team,
-    qkv: &[f32],
-    heads: usize,
-    d: usize,
-    rows: usize,
-    slots: CacheSlots,
-    visible: &(dyn Fn(usize) -> Option<&'v [bool]> + Sync),
-    att: &mut [f32],
-) {
-    let CacheSlots {
-        keys,
-        values,
-        cap,
-        start,
-    } = slots;
-    let hd = d / heads;
-    let att_ptr = SyncPtr(att.as_mut_ptr());
-    team.run(&|member, members| {
-        let mut scores = Vec::with_capacity(start + 1);
-        for unit in (member..rows * heads).step_by(members) {
-            let (r, hh) = (unit / heads, unit % heads);
-            let row = &qkv[r * 3 * d..(r + 1) * 3 * d];
-            let q = &row[hh * hd..(hh + 1) * hd];
-            let k_new = &row[d + hh * hd..d + (hh + 1) * hd];
-            let v_new = &row[2 * d + hh * hd..2 * d + (hh + 1) * hd];
-            let base = (r * heads + hh) * cap * hd;
-            // SAFETY: unit (r, hh) alone owns head hh of row r in this layer's cache and
-            // columns hh·hd.. of row r in `att`; the cache holds rows × heads × cap × hd
-            // (checked by the caller) and start < cap.
-            unsafe {
-                let k_at = keys.ptr().add(base + start * hd);
-                let v_at = values.ptr().add(base + start * hd);
-                std::ptr::copy_nonoverlapping(k_new.as_ptr(), k_at, hd);
-                std::ptr::copy_nonoverlapping(v_new.as_ptr(), v_at, hd);
-                let k_all = std::slice::from_raw_parts(keys.ptr().add(base), (start + 1) * hd);
-                let v_all = std::slice::from_raw_parts(values.ptr().add(base), (start + 1) * hd);
-                let out = std::slice::from_raw_parts_mut(att_ptr.ptr().add(r * d + hh * hd), hd);
-                attend(q, k_all, v_all, visible(r), &mut scores, out);
-            }
-        }
-    });
-}
-
-/// `out = x · w + b` (then `epilogue`), rows × n. Each member reads a contiguous band of weight
-/// rows, one sequential stream, into its own partial sums, then adds up its share of the
-/// columns. Splitting the columns instead makes every member read a piece of every row, and
-/// measured ~10% slower on the 4 × 256 model's blocks.
-fn product(team: &Team, p: Product<'_>, scratch: &mut Vec<f32>, out: &mut [f32]) {
-    let Product { x, rows, w, n, .. } = p;
-    assert_eq!(out.len(), rows * n, "product output size");
-    let k = x.len() / rows;
-    let members = team.members();
-    if members == 1 {
-        // SAFETY: `out` holds rows × n f32 and this thread is the only one.
-        unsafe { p.write_columns(0..n, out.as_mut_ptr()) };
-        return;
-    }
-    // Every member overwrites its whole block, so the buffer needs no clearing.
-    let need = members * rows * n;
-    if scratch.len() < need {
-        scratch.resize(need, 0.0);
-    }
-    let partials = SyncPtr(scratch.as_mut_ptr());
-    team.run(&|member, members| {
-        let band = member_columns(k, member, members);
-        // SAFETY: member `member` alone writes block `member` (rows × n) of the partial sums.
-        let block = unsafe { partials.ptr().add(member * rows * n) };
-        if band.is_empty() {
-            // SAFETY: as above.
-            unsafe { std::slice::from_raw_parts_mut(block, rows * n) }.fill(0.0);
-            return;
-        }
-        let xs: std::borrow::Cow<'_, [f32]> = if rows == 1 {
-            x[band.clone()].into()
-        } else {
-            (0..rows)
-                .flat_map(|r| x[r * k..][band.clone()].iter().copied())
-                .collect::<Vec<_>>()
-                .into()
-        };
-        let band_weights = &w[band.start * n..band.end * n];
-        // SAFETY: as above.
-        let partial = Product {
-            x: &xs,
-            w: band_weights,
-            bias: None,
-            epilogue: Epilogue::None,
-            ..p
-        };
-        unsafe { partial.write_columns(0..n, block) };
-    });
-    let sums: &[f32] = &scratch[..need];
-    let ptr = SyncPtr(out.as_mut_ptr());
-    team.run(&|member, members| {
-        let cols = member_columns(n, member, members);
-        // SAFETY: `out` holds rows × n f32; members write disjoint column ranges.
-        unsafe { sum_partials(sums, rows, n, p.bias, p.epilogue, cols, ptr.ptr()) };
-    });
-}
-
-/// Member `member`'s share of `n` columns, cut at cache-line multiples.
-fn member_columns(n: usize, member: usize, members: usize) -> Range<usize> {
-    let per = n.div_ceil(members).div_ceil(COLUMN_ALIGN) * COLUMN_ALIGN;
-    (member * per).min(n)..((member + 1) * per).min(n)
-}
-
-fn normalise_rows(x: &[f32], norm: &Norm<'_>, d: usize, out: &mut [f32]) {
-    for (row, dst) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        layer_norm(row, norm.weight, norm.bias, norm.eps, dst);
-    }
-}
-
-struct Norm<'a> {
-    weight: &'a [f32],
-    bias: &'a [f32],
-    eps: f64,
+pub(crate) struct Norm<'a> {
+    pub weight: &'a [f32],
+    pub bias: &'a [f32],
+    pub eps: f64,
 }
 
 impl<'a> Norm<'a> {
@@ -351,19 +191,19 @@ impl<'a> Norm<'a> {
 }
 
 /// One block's weights as slices (HF's `[in, out]` layout).
-struct LayerSlices<'a> {
-    ln_1: Norm<'a>,
-    attn_w: &'a [f32],
-    attn_b: &'a [f32],
-    proj_w: &'a [f32],
-    proj_b: &'a [f32],
-    ln_2: Norm<'a>,
-    fc_w: &'a [f32],
-    fc_b: &'a [f32],
-    mlp_w: &'a [f32],
-    mlp_b: &'a [f32],
-    heads: usize,
-    epilogue: Epilogue,
+pub(crate) struct LayerSlices<'a> {
+    pub ln_1: Norm<'a>,
+    pub attn_w: &'a [f32],
+    pub attn_b: &'a [f32],
+    pub proj_w: &'a [f32],
+    pub proj_b: &'a [f32],
+    pub ln_2: Norm<'a>,
+    pub fc_w: &'a [f32],
+    pub fc_b: &'a [f32],
+    pub mlp_w: &'a [f32],
+    pub mlp_b: &'a [f32],
+    pub heads: usize,
+    pub epilogue: Epilogue,
 }
 
 impl<'a> LayerSlices<'a> {
@@ -393,7 +233,7 @@ impl<'a> LayerSlices<'a> {
 
 /// A raw pointer the team's members may share: each writes only its own part.
 #[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
+pub(crate) struct SyncPtr(pub *mut f32);
 // SAFETY: every use writes a region no other member touches during the same job.
 unsafe impl Send for SyncPtr {}
 // SAFETY: as above.
@@ -401,7 +241,7 @@ unsafe impl Sync for SyncPtr {}
 
 impl SyncPtr {
     /// Through a method, so closures capture the `SyncPtr` and not its raw field.
-    fn ptr(self) -> *mut f32 {
+    pub(crate) fn ptr(self) -> *mut f32 {
         self.0
     }
 }

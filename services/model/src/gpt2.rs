@@ -9,6 +9,7 @@ use crate::device::WeightDtype;
 use crate::error::{ModelError, Result};
 use crate::hf_weights;
 use crate::kv_cache::KvCache;
+use crate::weight_arena::Arena;
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -96,13 +97,32 @@ impl Gpt2 {
     /// transposed view of it) so single-token decoding runs its GEMV over the fast layout.
     /// The embedding is stored once, not twice: a second copy would cost `vocab × n_embd`
     /// (154 MB for GPT-2 small) for nothing. Lookups gather strided rows, which costs
-    /// nothing measurable. Call it only on serving models that are not trained.
+    /// nothing measurable. On CPU in f32, every weight the fused step reads moves, with the
+    /// head, into one arena backed by huge pages (see `weight_arena`). Call it only on serving
+    /// models that are not trained.
     pub fn enable_decode_head(&mut self) {
         tch::no_grad(|| {
-            let head = self.wte.transpose(0, 1).contiguous();
+            if self.device() != Device::Cpu || self.wte.kind() != Kind::Float {
+                let head = self.wte.transpose(0, 1).contiguous();
+                self.wte.set_data(&head.transpose(0, 1));
+                self.decode_head = Some(head);
+                return;
+            }
+            let mut streamed: Vec<&mut Tensor> = vec![&mut self.wpe];
+            streamed.extend(self.blocks.iter_mut().flat_map(Block::tensors_mut));
+            streamed.extend([&mut self.ln_f.weight, &mut self.ln_f.bias]);
+            let sizes = streamed.iter().map(|t| t.numel() as i64);
+            let mut arena = Arena::for_elements(sizes.chain([self.wte.numel() as i64]));
+            let head = arena.place(&self.wte.transpose(0, 1));
             self.wte.set_data(&head.transpose(0, 1));
             self.decode_head = Some(head);
+            for tensor in streamed {
+                let packed = arena.place(tensor);
+                tensor.set_data(&packed);
+            }
+            arena.settle();
         });
+        release_freed_memory();
     }
 
     pub fn config(&self) -> &Gpt2Config {

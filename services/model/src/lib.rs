@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 mod cpu_decode;
 mod cpu_kernels;
+mod cpu_step;
 mod cpu_team;
 #[cfg(target_arch = "x86_64")]
 mod cpu_tiles;
@@ -22,6 +23,7 @@ pub mod sampling;
 mod softmax_weights;
 pub mod tokenizer;
 pub mod torch_threads;
+mod weight_arena;
 
 pub use checkpoint::{load_model_dir, LoadedModel};
 pub use config::Gpt2Config;

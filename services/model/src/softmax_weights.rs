@@ -3,6 +3,8 @@
 //! per row per step, and a scalar `f64::exp` loop plus a running-sum scan cost a small model
 //! about a tenth of its decoding time.
 
+#![allow(unsafe_code)]
+
 /// Elements per partial sum: the draw scans sums first, then one chunk.
 const CHUNK: usize = 64;
 
@@ -49,14 +51,18 @@ impl SoftmaxWeights {
     /// Fills the weights for `logits` (NaN already replaced, `max` their finite maximum).
     pub fn fill(&mut self, logits: &[f32], max: f32, inv_temperature: f32) {
         self.weights.clear();
-        self.weights.extend(
-            logits
-                .iter()
-                .map(|&l| exp_nonpositive((l - max) * inv_temperature)),
-        );
+        self.weights.resize(logits.len(), 0.0);
         self.chunk_sums.clear();
-        self.chunk_sums
-            .extend(self.weights.chunks(CHUNK).map(lane_sum));
+        self.chunk_sums.resize(logits.len().div_ceil(CHUNK), 0.0);
+        let (weights, sums) = (&mut self.weights[..], &mut self.chunk_sums[..]);
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the feature was just detected.
+            unsafe { fill_avx2(logits, max, inv_temperature, weights, sums) };
+            self.total = self.chunk_sums.iter().sum();
+            return;
+        }
+        fill_portable(logits, max, inv_temperature, weights, sums);
         self.total = self.chunk_sums.iter().sum();
     }
 
@@ -89,9 +95,42 @@ impl SoftmaxWeights {
     }
 }
 
+/// [`fill_portable`] compiled with the wider vectors: the same operations in the same order, so
+/// the same weights.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn fill_avx2(
+    logits: &[f32],
+    max: f32,
+    inv_temperature: f32,
+    weights: &mut [f32],
+    chunk_sums: &mut [f64],
+) {
+    fill_portable(logits, max, inv_temperature, weights, chunk_sums);
+}
+
+/// The weights and each chunk's sum, in plain loops: an iterator adapter's `fold` would be a
+/// function of its own, not compiled with the caller's wider vectors.
+#[inline(always)]
+fn fill_portable(
+    logits: &[f32],
+    max: f32,
+    inv_temperature: f32,
+    weights: &mut [f32],
+    chunk_sums: &mut [f64],
+) {
+    for (w, &l) in weights.iter_mut().zip(logits) {
+        *w = exp_nonpositive((l - max) * inv_temperature);
+    }
+    for (sum, chunk) in chunk_sums.iter_mut().zip(weights.chunks(CHUNK)) {
+        *sum = lane_sum(chunk);
+    }
+}
+
 /// Sum of `values` in f64 over eight independent lanes: a single running sum is one long
 /// dependency chain the compiler may not reorder; lanes let it use SIMD, and the fixed order
 /// keeps the result the same on every run.
+#[inline(always)]
 fn lane_sum(values: &[f32]) -> f64 {
     let mut lanes = [0.0f64; 8];
     let mut groups = values.chunks_exact(8);
@@ -103,7 +142,11 @@ fn lane_sum(values: &[f32]) -> f64 {
     for (lane, &v) in lanes.iter_mut().zip(groups.remainder()) {
         *lane += f64::from(v);
     }
-    lanes.iter().sum()
+    let mut sum = 0.0;
+    for lane in lanes {
+        sum += lane;
+    }
+    sum
 }
 
 /// Largest of `values` (-inf for none), over eight lanes for the same reason as `lane_sum`.

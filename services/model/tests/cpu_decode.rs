@@ -5,7 +5,7 @@
 mod support;
 
 use support::{max_diff, two_layer_config};
-use synopsis_model::{Gpt2, KvCache};
+use synopsis_model::{Gpt2, KvCache, WeightDtype};
 use tch::{Device, Kind, Tensor};
 
 fn serving_model(activation: &str) -> Gpt2 {
@@ -94,6 +94,66 @@ fn the_most_padded_rows_the_fused_pass_takes_match_libtorch() {
         .map(|i| (0..1 + i % 5).map(|j| 10 * i + j + 1).collect())
         .collect();
     assert_twins_agree(&serving_model("gelu_new"), &prompts, 20, Some(12));
+}
+
+/// The step's work is cut into fixed chunks whose partial sums are added in a fixed order, so
+/// the logits are bit for bit the same whoever took which chunk and however many threads share
+/// the step: a seeded request gives the same text on any machine size and under any load.
+#[test]
+fn the_logits_do_not_depend_on_how_many_threads_share_the_step() {
+    // Tensors cannot cross threads: each thread loads the same saved weights.
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("model.safetensors");
+    let saved = serving_model("gelu_new");
+    saved.save_safetensors(&weights).unwrap();
+    let config = saved.config().clone();
+    let decode = |threads: i32| -> Vec<Vec<f32>> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // The step's team is sized from this thread's libtorch thread count.
+                tch::set_num_threads(threads);
+                let mut model =
+                    Gpt2::load(&config, &weights, Device::Cpu, WeightDtype::F32).unwrap();
+                model.enable_decode_head();
+                tch::no_grad(|| {
+                    let mut all = Vec::new();
+                    // Three padded rows (the single-sweep kernels), then nine (the
+                    // register-blocked ones where the CPU has them).
+                    for rows in [3i64, 9] {
+                        let mut cache = (0..rows)
+                            .map(|i| {
+                                prefill(
+                                    &model,
+                                    &(0..1 + i % 4).map(|j| 11 * i + j).collect::<Vec<_>>(),
+                                    4,
+                                )
+                            })
+                            .reduce(|a, b| KvCache::merge(&a, &b))
+                            .unwrap();
+                        for step in 0..12 {
+                            let ids = Tensor::from_slice(
+                                &(0..rows).map(|i| (i * 31 + step) % 300).collect::<Vec<_>>(),
+                            );
+                            let logits = model
+                                .decode_step_fused(&ids, &mut cache)
+                                .expect("the fused pass applies");
+                            all.push(Vec::<f32>::try_from(logits.flatten(0, -1)).unwrap());
+                        }
+                    }
+                    all
+                })
+            })
+            .join()
+            .unwrap()
+        })
+    };
+    let alone = decode(1);
+    let shared = decode(2);
+    assert_eq!(alone.len(), shared.len());
+    for (step, (a, b)) in alone.iter().zip(&shared).enumerate() {
+        let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "step {step}: one thread and two disagree");
+    }
 }
 
 #[test]

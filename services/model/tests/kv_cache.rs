@@ -150,6 +150,19 @@ fn decode_head_layout_changes_no_logits_and_keeps_one_copy_of_the_embedding() {
             .expect("wte");
         assert_eq!(wte.size(), vec![300, 64]);
         assert_eq!(wte.stride(), vec![1, 300]);
+        // Every weight moved into one block of memory, after the head, unchanged.
+        let plain_vars = plain.var_store().variables();
+        let serving_vars = serving.var_store().variables();
+        let head_at = wte.data_ptr() as usize;
+        let bytes: usize = serving_vars.values().map(|t| t.numel() * 4 + 64).sum();
+        for (name, t) in &serving_vars {
+            assert!(t.equal(&plain_vars[name]), "{name} changed when packed");
+            let at = t.data_ptr() as usize;
+            assert!(
+                (head_at..head_at + bytes).contains(&at),
+                "{name} is not in the block that holds the head"
+            );
+        }
     });
 }
 
