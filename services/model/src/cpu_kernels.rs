@@ -23,9 +23,36 @@ pub(crate) fn max_rows() -> usize {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
 }
+
+/// Defines `fn $name(args) $body`, with the body compiled twice: as written, and with AVX2 and
+/// FMA, which run where the CPU has them. The same operations in the same order (Rust never
+/// fuses a multiply and an add on its own), so the same results, in wider vectors. Bodies use
+/// plain loops: an iterator adapter's `fold` is a function of its own, which would not be
+/// compiled with the wider vectors.
+macro_rules! with_avx2 {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$attr])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn portable($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            if $crate::cpu_kernels::has_avx2_fma() {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) {
+                    portable($($arg),*)
+                }
+                // SAFETY: the features were just detected.
+                unsafe { wide($($arg),*) };
+                return;
+            }
+            portable($($arg),*)
+        }
+    };
+}
+pub(crate) use with_avx2;
 
 /// What follows the sum of a product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,65 +169,32 @@ unsafe fn write_columns_portable(p: &Product<'_>, cols: Range<usize>, out: *mut 
     }
 }
 
-/// `dst[r][c - cols.start] = epilogue(bias[c] + Σ_p partials[p][r][c])` for `c` in `cols`:
-/// the sums of a product whose inner dimension was cut into chunks (`partials` is
-/// `parts × rows × n`), added in chunk order, into the compact `rows × |cols|` `dst`.
-pub(crate) fn sum_partials(
-    partials: &[f32],
-    rows: usize,
-    n: usize,
-    bias: Option<&[f32]>,
-    epilogue: Epilogue,
-    cols: Range<usize>,
-    dst: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the features were just detected.
-        unsafe { sum_partials_avx2(partials, rows, n, bias, epilogue, cols, dst) };
-        return;
-    }
-    sum_partials_portable(partials, rows, n, bias, epilogue, cols, dst);
-}
-
-/// [`sum_partials_portable`] compiled with the wider vectors (the activation too): the same
-/// operations in the same order, so the same results.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn sum_partials_avx2(
-    partials: &[f32],
-    rows: usize,
-    n: usize,
-    bias: Option<&[f32]>,
-    epilogue: Epilogue,
-    cols: Range<usize>,
-    dst: &mut [f32],
-) {
-    sum_partials_portable(partials, rows, n, bias, epilogue, cols, dst);
-}
-
-#[inline(always)]
-fn sum_partials_portable(
-    partials: &[f32],
-    rows: usize,
-    n: usize,
-    bias: Option<&[f32]>,
-    epilogue: Epilogue,
-    cols: Range<usize>,
-    dst: &mut [f32],
-) {
-    let parts = partials.len() / (rows * n).max(1);
-    let width = cols.len();
-    for (r, dst) in dst.chunks_exact_mut(width.max(1)).enumerate().take(rows) {
-        match bias {
-            Some(bias) => dst.copy_from_slice(&bias[cols.clone()]),
-            None => dst.fill(0.0),
+with_avx2! {
+    /// `dst[r][c - cols.start] = epilogue(bias[c] + Σ_p partials[p][r][c])` for `c` in `cols`:
+    /// the sums of a product whose inner dimension was cut into chunks (`partials` is
+    /// `parts × rows × n`), added in chunk order, into the compact `rows × |cols|` `dst`.
+    pub(crate) fn sum_partials(
+        partials: &[f32],
+        rows: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+        epilogue: Epilogue,
+        cols: Range<usize>,
+        dst: &mut [f32],
+    ) {
+        let parts = partials.len() / (rows * n).max(1);
+        let width = cols.len();
+        for (r, dst) in dst.chunks_exact_mut(width.max(1)).enumerate().take(rows) {
+            match bias {
+                Some(bias) => dst.copy_from_slice(&bias[cols.clone()]),
+                None => dst.fill(0.0),
+            }
+            for p in 0..parts {
+                let part = &partials[(p * rows + r) * n..][cols.clone()];
+                dst.iter_mut().zip(part).for_each(|(d, &v)| *d += v);
+            }
+            epilogue.apply(dst);
         }
-        for p in 0..parts {
-            let part = &partials[(p * rows + r) * n..][cols.clone()];
-            dst.iter_mut().zip(part).for_each(|(d, &v)| *d += v);
-        }
-        epilogue.apply(dst);
     }
 }
 
@@ -236,78 +230,45 @@ pub(crate) fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f64, out:
     }
 }
 
-/// One query against `slots` cached keys and values of one head (`[slots, head_dim]` each,
-/// contiguous): softmax(q·kᵀ/√d) · v into `out`, skipping slots whose `visible` is false.
-pub(crate) fn attend(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    visible: Option<&[bool]>,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the features were just detected.
-        unsafe { attend_avx2(q, keys, values, visible, scores, out) };
-        return;
-    }
-    attend_portable(q, keys, values, visible, scores, out);
-}
-
-/// [`attend_portable`] compiled with the wider vectors: the same operations in the same order,
-/// so the same results.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    visible: Option<&[bool]>,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    attend_portable(q, keys, values, visible, scores, out);
-}
-
-#[inline(always)]
-fn attend_portable(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    visible: Option<&[bool]>,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    let d = q.len();
-    let slots = keys.len() / d;
-    let scale = 1.0 / (d as f32).sqrt();
-    // Plain loops, not iterator adapters: an adapter's `fold` is a function of its own, which
-    // would not be compiled with the caller's wider vectors.
-    scores.clear();
-    scores.resize(slots, 0.0);
-    for (t, (s, k)) in scores.iter_mut().zip(keys.chunks_exact(d)).enumerate() {
-        *s = if visible.is_some_and(|v| !v[t]) {
-            f32::NEG_INFINITY
-        } else {
-            dot(q, k) * scale
-        };
-    }
-    let mut max = f32::NEG_INFINITY;
-    for &s in scores.iter() {
-        max = max.max(s);
-    }
-    let mut total = 0f32;
-    for s in scores.iter_mut() {
-        *s = exp_nonpositive(*s - max);
-        total += *s;
-    }
-    out.fill(0.0);
-    for (&p, v) in scores.iter().zip(values.chunks_exact(d)) {
-        if p != 0.0 {
-            let p = p / total;
-            for (o, &x) in out.iter_mut().zip(v) {
-                *o += p * x;
+with_avx2! {
+    /// One query against `slots` cached keys and values of one head (`[slots, head_dim]` each,
+    /// contiguous): softmax(q·kᵀ/√d) · v into `out`, skipping slots whose `visible` is false.
+    pub(crate) fn attend(
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        visible: Option<&[bool]>,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let d = q.len();
+        let slots = keys.len() / d;
+        let scale = 1.0 / (d as f32).sqrt();
+        scores.clear();
+        scores.resize(slots, 0.0);
+        for (t, (s, k)) in scores.iter_mut().zip(keys.chunks_exact(d)).enumerate() {
+            *s = if visible.is_some_and(|v| !v[t]) {
+                f32::NEG_INFINITY
+            } else {
+                dot(q, k) * scale
+            };
+        }
+        let mut max = f32::NEG_INFINITY;
+        for &s in scores.iter() {
+            max = max.max(s);
+        }
+        let mut total = 0f32;
+        for s in scores.iter_mut() {
+            *s = exp_nonpositive(*s - max);
+            total += *s;
+        }
+        out.fill(0.0);
+        for (&p, v) in scores.iter().zip(values.chunks_exact(d)) {
+            if p != 0.0 {
+                let p = p / total;
+                for (o, &x) in out.iter_mut().zip(v) {
+                    *o += p * x;
+                }
             }
         }
     }

@@ -5,6 +5,8 @@
 
 #![allow(unsafe_code)]
 
+use crate::cpu_kernels::with_avx2;
+
 /// Elements per partial sum: the draw scans sums first, then one chunk.
 const CHUNK: usize = 64;
 
@@ -54,15 +56,13 @@ impl SoftmaxWeights {
         self.weights.resize(logits.len(), 0.0);
         self.chunk_sums.clear();
         self.chunk_sums.resize(logits.len().div_ceil(CHUNK), 0.0);
-        let (weights, sums) = (&mut self.weights[..], &mut self.chunk_sums[..]);
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the feature was just detected.
-            unsafe { fill_avx2(logits, max, inv_temperature, weights, sums) };
-            self.total = self.chunk_sums.iter().sum();
-            return;
-        }
-        fill_portable(logits, max, inv_temperature, weights, sums);
+        fill_weights(
+            logits,
+            max,
+            inv_temperature,
+            &mut self.weights,
+            &mut self.chunk_sums,
+        );
         self.total = self.chunk_sums.iter().sum();
     }
 
@@ -95,35 +95,21 @@ impl SoftmaxWeights {
     }
 }
 
-/// [`fill_portable`] compiled with the wider vectors: the same operations in the same order, so
-/// the same weights.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn fill_avx2(
-    logits: &[f32],
-    max: f32,
-    inv_temperature: f32,
-    weights: &mut [f32],
-    chunk_sums: &mut [f64],
-) {
-    fill_portable(logits, max, inv_temperature, weights, chunk_sums);
-}
-
-/// The weights and each chunk's sum, in plain loops: an iterator adapter's `fold` would be a
-/// function of its own, not compiled with the caller's wider vectors.
-#[inline(always)]
-fn fill_portable(
-    logits: &[f32],
-    max: f32,
-    inv_temperature: f32,
-    weights: &mut [f32],
-    chunk_sums: &mut [f64],
-) {
-    for (w, &l) in weights.iter_mut().zip(logits) {
-        *w = exp_nonpositive((l - max) * inv_temperature);
-    }
-    for (sum, chunk) in chunk_sums.iter_mut().zip(weights.chunks(CHUNK)) {
-        *sum = lane_sum(chunk);
+with_avx2! {
+    /// The weights and each chunk's sum.
+    fn fill_weights(
+        logits: &[f32],
+        max: f32,
+        inv_temperature: f32,
+        weights: &mut [f32],
+        chunk_sums: &mut [f64],
+    ) {
+        for (w, &l) in weights.iter_mut().zip(logits) {
+            *w = exp_nonpositive((l - max) * inv_temperature);
+        }
+        for (sum, chunk) in chunk_sums.iter_mut().zip(weights.chunks(CHUNK)) {
+            *sum = lane_sum(chunk);
+        }
     }
 }
 
