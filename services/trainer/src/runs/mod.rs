@@ -197,6 +197,9 @@ impl Run {
             }
             Some(train_event::Event::Checkpoint(c)) => {
                 record.last_checkpoint_id = Some(c.checkpoint_id.clone());
+                // Step events are rate-limited, so the last one may be older than the steps a
+                // checkpoint holds (a stop lands between two): the run is at least that far.
+                record.step = record.step.max(c.step);
                 true
             }
             Some(train_event::Event::Sample(_)) | None => false,
@@ -302,5 +305,57 @@ impl Runs {
         let mut records: Vec<RunRecord> = lock(&self.runs).values().map(|r| r.record()).collect();
         records.sort_by(|a, b| (a.created, &a.run_id).cmp(&(b.created, &b.run_id)));
         records
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use synopsis_proto::v1::{CheckpointInfo, StepEvent};
+
+    #[test]
+    fn a_checkpoint_past_the_last_step_event_moves_the_run_to_its_step() {
+        let root = tempfile::tempdir().unwrap();
+        let layout = Layout::new(root.path());
+        std::fs::create_dir_all(layout.runs_dir()).unwrap();
+        let record = RunRecord {
+            run_id: "run-20261130-000000-0001".into(),
+            run_name: String::new(),
+            state: State::Running,
+            created: 0,
+            finished: None,
+            config: serde_json::Value::Null,
+            device: "cpu".into(),
+            step: 0,
+            total_steps: 100,
+            last_val_loss: None,
+            last_checkpoint_id: None,
+            resumed_from: None,
+            message: String::new(),
+        };
+        let runs = Runs::load(&layout).unwrap();
+        let run = runs.create(record).unwrap();
+        run.emit(train_event::Event::Step(StepEvent {
+            step: 13,
+            total_steps: 100,
+            ..Default::default()
+        }));
+        run.emit(train_event::Event::Checkpoint(CheckpointInfo {
+            checkpoint_id: "run-20261130-000000-0001/epoch-0000-step-000014".into(),
+            step: 14,
+            ..Default::default()
+        }));
+        assert_eq!(run.record().step, 14);
+        // Persisted too: a restarted trainer reads the same.
+        let reloaded = Runs::load(&layout).unwrap();
+        let again = reloaded.get("run-20261130-000000-0001").unwrap();
+        assert_eq!(again.record().step, 14);
+        // An older checkpoint (a resumed run's first) does not move it back.
+        run.emit(train_event::Event::Checkpoint(CheckpointInfo {
+            checkpoint_id: "run-20261130-000000-0001/epoch-0000-step-000010".into(),
+            step: 10,
+            ..Default::default()
+        }));
+        assert_eq!(run.record().step, 14);
     }
 }
