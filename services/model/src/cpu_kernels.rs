@@ -247,6 +247,16 @@ with_avx2! {
         scores.clear();
         scores.resize(slots, 0.0);
         for (t, (s, k)) in scores.iter_mut().zip(keys.chunks_exact(d)).enumerate() {
+            // Each head's keys and values are short runs (a few KiB) that the hardware
+            // prefetcher barely starts on before they end; ask for keys a few slots ahead, and
+            // for this slot's values, which the weighted sum below reads next. Measured on
+            // GPT-2 small, 16 rows: 45.1 → 42.6 ms a step (medians of 3, alternating).
+            let key_ahead = keys.as_ptr().wrapping_add((t + KEYS_AHEAD) * d);
+            let value = values.as_ptr().wrapping_add(t * d);
+            for line in (0..d).step_by(FLOATS_PER_LINE) {
+                prefetch(key_ahead.wrapping_add(line));
+                prefetch(value.wrapping_add(line));
+            }
             *s = if visible.is_some_and(|v| !v[t]) {
                 f32::NEG_INFINITY
             } else {
@@ -272,6 +282,25 @@ with_avx2! {
             }
         }
     }
+}
+
+/// Slots ahead of the one being scored whose keys are requested from memory.
+const KEYS_AHEAD: usize = 8;
+/// f32 values in a 64-byte cache line.
+pub(crate) const FLOATS_PER_LINE: usize = 16;
+
+/// Asks the CPU to bring the cache line holding `at` into L1 ahead of use. A prefetch never
+/// faults and changes no value, so `at` may lie past the end of a slice (it is formed with
+/// wrapping arithmetic and never read).
+#[inline(always)]
+pub(crate) fn prefetch(at: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it reads nothing architecturally and cannot fault.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
 }
 
 /// A dot product with eight independent sums, so it vectorises without fast-math.

@@ -5,7 +5,7 @@
 
 #![allow(unsafe_code)]
 
-use crate::cpu_kernels::Product;
+use crate::cpu_kernels::{prefetch, Product, FLOATS_PER_LINE};
 use std::arch::x86_64::*;
 use std::ops::Range;
 
@@ -88,6 +88,13 @@ unsafe fn tiles<K: Kernel>(p: &Product<'_>, cols: Range<usize>, out: *mut f32) {
         while k0 < k {
             let ks = k0..(k0 + ROWS_PER_PASS).min(k);
             for column in (t0..blocked).step_by(K::BLOCK) {
+                prefetch_weights(
+                    w,
+                    n,
+                    ks.clone(),
+                    column + PREFETCH_AHEAD * K::BLOCK,
+                    K::BLOCK,
+                );
                 let mut r0 = 0;
                 while r0 < rows {
                     let group = (rows - r0).min(K::GROUP);
@@ -124,6 +131,29 @@ unsafe fn tiles<K: Kernel>(p: &Product<'_>, cols: Range<usize>, out: *mut f32) {
             epilogue.apply(row(r));
         }
         t0 = t1;
+    }
+}
+
+/// Blocks ahead of the one being multiplied whose weights are requested from memory. A pass
+/// reads 16 weight rows at once, each in a run that crosses a 4 KiB page every 21 blocks, where
+/// the hardware prefetcher stops and starts again; without this, over half of the kernel's time
+/// went to its weight loads. Measured on GPT-2 small (2 cores, AVX-512, medians of 3 runs of
+/// 128 steps, alternating): 16 rows 46.6 → 37.6 ms a step, 8 rows 41.2 → 36.3 ms; 4 blocks
+/// ahead measured 44.6, 8 blocks 50.0, 1 block 52.1 against 45.9 for 2 in a noisier run.
+const PREFETCH_AHEAD: usize = 2;
+
+/// Requests columns `column..column + width` of weight rows `ks` (clamped to the row's end).
+#[inline(always)]
+fn prefetch_weights(w: &[f32], n: usize, ks: Range<usize>, column: usize, width: usize) {
+    if column >= n {
+        return;
+    }
+    let width = width.min(n - column);
+    for i in ks {
+        let row = w[i * n + column..].as_ptr();
+        for line in (0..width).step_by(FLOATS_PER_LINE) {
+            prefetch(row.wrapping_add(line));
+        }
     }
 }
 
