@@ -1,8 +1,10 @@
 //! `bench-generate`: decoding speed of the generator against Hugging Face `generate()` (KV
 //! cache, sampling) on the same weights and the same torch, in one run:
 //! - one stream through the engine (the product path: `spawn_engine` + `submit`) on a GPT-2
-//!   small config and on the 4 × 256 model, beside the memory-bandwidth bound;
-//! - through the gRPC server: 16 concurrent streams against one, and time to first token;
+//!   small config and on the 4 × 256 model, beside the bandwidth bounds (memory for GPT-2 small,
+//!   the last-level cache for the 4 × 256 model, whose weights fit there);
+//! - through the gRPC server: 16 concurrent streams against one and against the compute bound,
+//!   and time to first token;
 //! - resident memory of a generator process serving GPT-2 small, against the weights' bytes.
 //!
 //! The weights are random (a fresh `Gpt2::new`), which costs decoding nothing: speed depends on
@@ -63,6 +65,9 @@ struct ModelDir {
     id: &'static str,
     dir: PathBuf,
     weight_bytes: f64,
+    /// Weights each decoded token multiplies: every block's four products and the head. A
+    /// token costs twice this in FLOPs, and a step reads each of them once (4 bytes in f32).
+    multiplied_weights: f64,
 }
 
 pub async fn run(args: &Args) -> anyhow::Result<()> {
@@ -90,10 +95,17 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let tiny = write_model_dir(tmp.path(), "tiny", &tokenizer)?;
     // On a thread of its own: this one runs libtorch serially, and the copy needs every core.
     // The thread's OpenMP team ends with it.
-    let copy_bw = std::thread::scope(|s| {
-        s.spawn(|| machine::copy_bandwidth(256 << 20, 5))
-            .join()
-            .map_err(|_| anyhow::anyhow!("the copy measurement panicked"))
+    let tiny_bytes = 4.0 * tiny.multiplied_weights;
+    let (copy_bw, read_bw, gemm) = std::thread::scope(|s| {
+        s.spawn(|| {
+            (
+                machine::copy_bandwidth(256 << 20, 5),
+                machine::read_bandwidth(tiny_bytes as usize, 20),
+                machine::gemm_flops(1024, 5),
+            )
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the machine measurements panicked"))
     })?;
 
     // The engine, as the server drives it.
@@ -209,6 +221,28 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         report::ratio(ours_tiny, hf_tiny.tokens_per_second),
         report::verdict_at_least(ours_tiny, hf_tiny.tokens_per_second, 4.0),
     ]);
+    if on_cpu {
+        // The tiny model's weights fit in the last-level cache, so its ceiling is the rate of
+        // reading them from there, not from memory.
+        let tiny_bound = read_bw / tiny_bytes;
+        t.row([
+            format!(
+                "4 × 256 model vs cache-read bound ({} read per token / {} GB/s summing {})",
+                mib(tiny_bytes),
+                num(read_bw / 1e9),
+                mib(tiny_bytes)
+            ),
+            num(ours_tiny),
+            num(tiny_bound),
+            format!(
+                "{:.0}% (HF {:.0}%; 4× HF needs {:.0}%)",
+                100.0 * ours_tiny / tiny_bound,
+                100.0 * hf_tiny.tokens_per_second / tiny_bound,
+                400.0 * hf_tiny.tokens_per_second / tiny_bound
+            ),
+            "-".into(),
+        ]);
+    }
     t.row(lean_loop_row("4 × 256 model", ours_tiny, &hf_tiny));
     t.row([
         format!(
@@ -220,6 +254,26 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         report::ratio(srv.concurrent, srv.one_stream),
         report::verdict_at_least(srv.concurrent, srv.one_stream, 6.0),
     ]);
+    if on_cpu {
+        // Many rows per step turn decoding from reading weights into multiplying them: the
+        // matmul rate is one ceiling of the aggregate (the other is reading every weight once
+        // per step, as one stream does; prompts' prefill is not counted).
+        let flops_per_token = 2.0 * small.multiplied_weights;
+        let compute_bound = gemm / flops_per_token;
+        t.row([
+            format!(
+                "GPT-2 small, {} streams vs compute bound ({} GFLOP per token / {} GFLOP/s \
+                 libtorch matmul; FLOPs only)",
+                args.streams,
+                num(flops_per_token / 1e9),
+                num(gemm / 1e9)
+            ),
+            num(srv.concurrent),
+            num(compute_bound),
+            format!("{:.0}%", 100.0 * srv.concurrent / compute_bound),
+            "-".into(),
+        ]);
+    }
     t.row([
         "GPT-2 small, one stream: through the server vs the engine directly".to_string(),
         num(srv.one_stream),
@@ -370,6 +424,8 @@ fn write_model_dir(root: &Path, preset: &'static str, tok: &Tokenizer) -> anyhow
     model.save_safetensors(&dir.join("model.safetensors"))?;
     config.save(&dir.join("config.json"))?;
     tok.save(dir.join("tokenizer.json"))?;
+    let products = config.n_layer * (4 * config.n_embd + 2 * config.inner_dim()) * config.n_embd;
+    let multiplied_weights = (products + config.vocab_size * config.n_embd) as f64;
     let weight_bytes = model
         .var_store()
         .variables()
@@ -380,6 +436,7 @@ fn write_model_dir(root: &Path, preset: &'static str, tok: &Tokenizer) -> anyhow
         id: preset,
         dir,
         weight_bytes,
+        multiplied_weights,
     })
 }
 

@@ -1,6 +1,7 @@
 //! What this machine can do, measured in the same run as the benchmark it qualifies: float32
-//! GEMM FLOP/s (the ceiling of training), copy bandwidth (the ceiling of one-stream decoding,
-//! which reads every weight once per token) and a process's resident memory.
+//! GEMM FLOP/s (the ceiling of training and of decoding many streams at once), copy and
+//! cache-read bandwidth (the ceilings of one-stream decoding, which reads every weight once per
+//! token) and a process's resident memory.
 
 use std::time::Instant;
 
@@ -35,6 +36,23 @@ pub fn copy_bandwidth(bytes: usize, reps: usize) -> f64 {
     for _ in 0..reps.max(1) {
         let start = Instant::now();
         dst.copy_(&src);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    (numel * 4) as f64 / best
+}
+
+/// Bytes read per second by summing a `bytes`-sized float32 tensor (best of `reps`). Sized like
+/// a small model's weights, the buffer stays in the last-level cache, so this is the rate at
+/// which a decoding step can stream weights that fit there.
+pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
+    let _guard = tch::no_grad_guard();
+    let numel = (bytes / 4) as i64;
+    let src = Tensor::ones([numel], (Kind::Float, Device::Cpu));
+    let _ = src.sum(Kind::Float).double_value(&[]);
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        let _ = src.sum(Kind::Float).double_value(&[]);
         best = best.min(start.elapsed().as_secs_f64());
     }
     (numel * 4) as f64 / best
