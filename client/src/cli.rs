@@ -227,17 +227,18 @@ pub struct GenerateArgs {
     /// Tokens to generate per sample (0 = the server's default).
     #[arg(long, default_value_t = 0)]
     pub max_new_tokens: u32,
-    /// Sampling temperature; 0 = greedy.
-    #[arg(long, default_value_t = 1.0)]
+    /// Sampling temperature; 0 = greedy. (Negative values of the sampling numbers parse, so
+    /// that the generator's validation, which names the field, is what answers them.)
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
     pub temperature: f32,
     /// Keep only the k most likely tokens (0 = off).
     #[arg(long, default_value_t = 50)]
     pub top_k: u32,
     /// Nucleus sampling mass in (0, 1].
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.95)]
     pub top_p: f32,
     /// Penalty (>= 1) on tokens already present.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
     pub repetition_penalty: f32,
     /// Seed (sample i uses seed + i); default random, shown in the output.
     #[arg(long)]

@@ -34,6 +34,32 @@ async fn bad_arguments_exit_2_with_a_message() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// A negative sampling number is a value, not an unknown flag: it reaches the generator, whose
+/// INVALID_ARGUMENT names the field (clap would otherwise answer "unexpected argument '-1'").
+#[test]
+fn negative_sampling_numbers_parse_as_values() {
+    use clap::Parser;
+    use synopsis_cli::cli::Command;
+    let cli = Cli::try_parse_from([
+        "synopsis",
+        "generate",
+        "In the year 2199,",
+        "--temperature",
+        "-1",
+        "--top-p",
+        "-0.5",
+        "--repetition-penalty",
+        "-2",
+    ])
+    .expect("negative numbers parse");
+    let Command::Generate(args) = cli.command else {
+        panic!("parsed as another subcommand");
+    };
+    assert_eq!(args.temperature, -1.0);
+    assert_eq!(args.top_p, -0.5);
+    assert_eq!(args.repetition_penalty, -2.0);
+}
+
 #[tokio::test]
 async fn help_works_on_every_subcommand() {
     let out = run(&["--help"]).await;
@@ -58,6 +84,25 @@ async fn help_works_on_every_subcommand() {
         );
         assert!(text.contains("--trainer"), "{name} shows the global flags");
     }
+}
+
+/// Output into a pipe whose reader is gone (`synopsis runs | head -1`) ends the process by
+/// SIGPIPE, like any Unix filter, instead of a panic and its backtrace.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(common::BIN)
+        .args(["completions", "bash"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
 }
 
 #[tokio::test]

@@ -341,6 +341,15 @@ async fn fine_tunes_a_hugging_face_base_model() {
     let manifest = verify_checkpoint(&checkpoint_dir(root.path(), &ckpt.checkpoint_id)).unwrap();
     assert_eq!(manifest.step, 1);
     assert_eq!(ckpt.reason, "final");
+    // The epoch that `max_steps` cut short reports the time it ran, not zero.
+    let epoch = events
+        .iter()
+        .find_map(|e| match &e.event {
+            Some(train_event::Event::Epoch(epoch)) => Some(epoch.clone()),
+            _ => None,
+        })
+        .expect("an epoch event for the partial epoch");
+    assert!(epoch.seconds > 0.0, "{epoch:?}");
 
     // A base model's shape is fixed, and names must stay under --models-root.
     let mut bad = req.clone();

@@ -117,9 +117,12 @@ pub fn run(plan: Plan, ctx: &RunContext) -> Result<Outcome> {
         Ok(())
     };
 
+    // When the epoch in progress began here; a run that `max_steps` ends inside an epoch
+    // reports that epoch's time from it too.
+    let mut started = Instant::now();
     'epochs: while progress.epoch < hyper.epochs {
         let epoch = progress.epoch;
-        let started = Instant::now();
+        started = Instant::now();
         let packed = Packed::epoch(&train_docs, seq_len, hyper.seed, epoch);
         // Validation and sampling of the previous epoch are not training throughput.
         meter.restart();
@@ -199,7 +202,7 @@ pub fn run(plan: Plan, ctx: &RunContext) -> Result<Outcome> {
     // `max_steps` ended the run inside an epoch: report and keep that state too.
     if progress.micro_in_epoch > 0 {
         let val_loss = evaluate(&model, &eval_batches)?;
-        end_of_epoch(ctx, &progress, progress.epoch, val_loss, Duration::ZERO)?;
+        end_of_epoch(ctx, &progress, progress.epoch, val_loss, started.elapsed())?;
         sample(
             ctx,
             &model,
