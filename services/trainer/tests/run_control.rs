@@ -345,7 +345,7 @@ async fn fine_tunes_a_hugging_face_base_model() {
     let epoch = events
         .iter()
         .find_map(|e| match &e.event {
-            Some(train_event::Event::Epoch(epoch)) => Some(epoch.clone()),
+            Some(train_event::Event::Epoch(epoch)) => Some(*epoch),
             _ => None,
         })
         .expect("an epoch event for the partial epoch");
