@@ -227,10 +227,9 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         let tiny_bound = read_bw / tiny_bytes;
         t.row([
             format!(
-                "4 × 256 model vs cache-read bound ({} read per token / {} GB/s summing {})",
+                "4 × 256 model vs cache-read bound ({} read per token / {} GB/s summing as much)",
                 mib(tiny_bytes),
-                num(read_bw / 1e9),
-                mib(tiny_bytes)
+                num(read_bw / 1e9)
             ),
             num(ours_tiny),
             num(tiny_bound),

@@ -8,20 +8,29 @@ use std::time::Instant;
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
-/// FLOP/s of an `n × n × n` float32 matmul with libtorch (best of `reps` after a warm-up).
+/// FLOP/s of an `n × n × n` float32 matmul with libtorch (best of `reps`).
 pub fn gemm_flops(n: i64, reps: usize) -> f64 {
     let _guard = tch::no_grad_guard();
     let a = Tensor::randn([n, n], (Kind::Float, Device::Cpu));
     let b = Tensor::randn([n, n], (Kind::Float, Device::Cpu));
     let out = Tensor::empty([n, n], (Kind::Float, Device::Cpu));
-    let _ = a.mm_out(&out, &b);
+    2.0 * (n as f64).powi(3)
+        / best_seconds(reps, || {
+            let _ = a.mm_out(&out, &b);
+        })
+}
+
+/// Seconds of the fastest of `reps` calls of `work`, after one untimed call that warms caches
+/// and allocators: the machine is shared, and the best run is the least disturbed one.
+fn best_seconds(reps: usize, mut work: impl FnMut()) -> f64 {
+    work();
     let mut best = f64::INFINITY;
     for _ in 0..reps.max(1) {
         let start = Instant::now();
-        let _ = a.mm_out(&out, &b);
+        work();
         best = best.min(start.elapsed().as_secs_f64());
     }
-    2.0 * (n as f64).powi(3) / best
+    best
 }
 
 /// Bytes copied per second by a `bytes`-sized float32 tensor copy (best of `reps`). This is the
@@ -31,14 +40,7 @@ pub fn copy_bandwidth(bytes: usize, reps: usize) -> f64 {
     let numel = (bytes / 4) as i64;
     let src = Tensor::ones([numel], (Kind::Float, Device::Cpu));
     let mut dst = Tensor::zeros([numel], (Kind::Float, Device::Cpu));
-    dst.copy_(&src);
-    let mut best = f64::INFINITY;
-    for _ in 0..reps.max(1) {
-        let start = Instant::now();
-        dst.copy_(&src);
-        best = best.min(start.elapsed().as_secs_f64());
-    }
-    (numel * 4) as f64 / best
+    (numel * 4) as f64 / best_seconds(reps, || dst.copy_(&src))
 }
 
 /// Bytes read per second by summing a `bytes`-sized float32 tensor (best of `reps`). Sized like
@@ -48,14 +50,10 @@ pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
     let _guard = tch::no_grad_guard();
     let numel = (bytes / 4) as i64;
     let src = Tensor::ones([numel], (Kind::Float, Device::Cpu));
-    let _ = src.sum(Kind::Float).double_value(&[]);
-    let mut best = f64::INFINITY;
-    for _ in 0..reps.max(1) {
-        let start = Instant::now();
-        let _ = src.sum(Kind::Float).double_value(&[]);
-        best = best.min(start.elapsed().as_secs_f64());
-    }
-    (numel * 4) as f64 / best
+    (numel * 4) as f64
+        / best_seconds(reps, || {
+            let _ = src.sum(Kind::Float).double_value(&[]);
+        })
 }
 
 /// Resident memory (VmRSS) of process `pid`, or of this process for `None`.
