@@ -24,10 +24,11 @@ demo:
 	scripts/demo.sh
 
 # Benchmarks against the Python references (release: the per-token Rust work of decoding must be
-# optimised to be measured fairly). Prints tables; see services/bench.
+# optimised to be measured fairly). Prints tables; see docs/performance.md. bench-train needs a
+# corpus that the repository does not hold: `make bench DATA_ROOT=DIR` (or SYNOPSIS_DATA_ROOT).
 bench: build
 	$(CARGO) build --release -p synopsis-bench -p synopsis-generator --bins
-	$(CARGO) run --release -p synopsis-bench --bin bench-train
+	$(CARGO) run --release -p synopsis-bench --bin bench-train -- $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 	$(CARGO) run --release -p synopsis-bench --bin bench-generate
 
 fmt:

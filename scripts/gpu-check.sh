@@ -24,7 +24,7 @@ prepare)
     # Debug info is most of the binary's size, and the carried tree is capped at 64 MiB.
     objcopy --strip-debug target/release/bench-generate "$KIT/bench-generate"
     rm -rf "$KIT/gpt2_tokenizer"
-    cp -r "${SYNOPSIS_BENCH_DATA_ROOT:-../shared/data}/gpt2_tokenizer" "$KIT/"
+    cp -r tests/fixtures/gpt2_tokenizer "$KIT/"
     du -sh "$KIT"
     ;;
 run)
@@ -36,7 +36,7 @@ run)
     export SYNOPSIS_PYTHON="$python"
     if command -v nvidia-smi >/dev/null; then nvidia-smi -L; fi
     "$python" -c 'import torch; print("torch", torch.__version__, "CUDA available:", torch.cuda.is_available())'
-    "$KIT/bench-generate" --device "${DEVICE:-cuda}" --data-root "$KIT" --streams "${STREAMS:-64}" --rounds 1 "$@"
+    "$KIT/bench-generate" --device "${DEVICE:-cuda}" --tokenizer "$KIT/gpt2_tokenizer" --streams "${STREAMS:-64}" --rounds 1 "$@"
     ;;
 *)
     echo "usage: $0 prepare|run" >&2

@@ -7,5 +7,5 @@ mod paths;
 mod process;
 
 pub use health::health_status;
-pub use paths::{free_port, python, shared_data, workspace_bin, workspace_root};
+pub use paths::{fixture, free_port, python, workspace_bin, workspace_root};
 pub use process::ServiceProcess;

@@ -1,4 +1,4 @@
-//! Where things are: built binaries, the shared data set, the Python venv, a free port.
+//! Where things are: built binaries, the test fixtures, the Python venv, a free port.
 
 use std::path::PathBuf;
 
@@ -24,21 +24,10 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
 }
 
-/// A file under the shared data directory: `$SYNOPSIS_SHARED_DATA/<rel>` when that variable is
-/// set, else `<workspace>/../shared/data/<rel>` (data read in place, never copied into the repo).
-pub fn shared_data(rel: &str) -> PathBuf {
-    let root = match std::env::var_os("SYNOPSIS_SHARED_DATA") {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            let root = workspace_root();
-            root.parent()
-                .map(PathBuf::from)
-                .unwrap_or(root)
-                .join("shared")
-                .join("data")
-        }
-    };
-    root.join(rel)
+/// `tests/fixtures/<rel>` in the repository: the files tests read but do not make (see its
+/// README for each file's origin). Tests never read outside the repository.
+pub fn fixture(rel: &str) -> PathBuf {
+    workspace_root().join("tests/fixtures").join(rel)
 }
 
 /// The Python with torch and transformers used to cross-check checkpoints:

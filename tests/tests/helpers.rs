@@ -5,7 +5,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::Duration;
 
-use synopsis_tests::{free_port, shared_data, workspace_bin, ServiceProcess};
+use synopsis_tests::{fixture, free_port, workspace_bin, workspace_root, ServiceProcess};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
@@ -95,12 +95,9 @@ fn paths_resolve_next_to_the_build_and_the_workspace() {
     // The test runs from target/<profile>/deps; binaries live in target/<profile>.
     assert_eq!(bin.parent(), exe.parent().and_then(Path::parent));
     assert!(bin.ends_with("synopsis-trainer"));
-    let data = shared_data("README.md");
-    assert!(
-        data.ends_with("shared/data/README.md"),
-        "{}",
-        data.display()
-    );
+    let readme = fixture("README.md");
+    assert!(readme.is_file(), "{}", readme.display());
+    assert!(readme.starts_with(workspace_root()), "{}", readme.display());
 }
 
 #[tokio::test]

@@ -31,11 +31,9 @@ use crate::server;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "bench-generate")]
 pub struct Args {
-    /// Directory holding `gpt2_tokenizer/`.
-    #[arg(long, env = "SYNOPSIS_BENCH_DATA_ROOT", default_value = crate::DEFAULT_DATA_ROOT)]
-    pub data_root: PathBuf,
-    #[arg(long, default_value = "gpt2_tokenizer")]
-    pub tokenizer: String,
+    /// GPT-2 tokenizer directory (`tokenizer.json`); the repository's fixture by default.
+    #[arg(long, default_value = crate::DEFAULT_TOKENIZER_DIR)]
+    pub tokenizer: PathBuf,
     #[arg(long, default_value_t = 32)]
     pub prompt_tokens: usize,
     #[arg(long, default_value_t = 128)]
@@ -78,8 +76,8 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let device = synopsis_model::parse_device(&args.device).context("--device")?;
     let on_cpu = device == Device::Cpu;
     let tmp = tempfile::tempdir().context("temporary model directory")?;
-    let tokenizer_dir = args.data_root.join(&args.tokenizer);
-    let tokenizer = Tokenizer::from_dir(&tokenizer_dir)
+    let tokenizer_dir = &args.tokenizer;
+    let tokenizer = Tokenizer::from_dir(tokenizer_dir)
         .with_context(|| format!("tokenizer {}", tokenizer_dir.display()))?;
     let (prompt, prompt_ids) = prompt_of(&tokenizer, args.prompt_tokens)?;
     println!(

@@ -13,5 +13,8 @@ pub mod train;
 /// Libtorch threads on both sides: the benchmark machine has two cores.
 pub const DEFAULT_THREADS: i32 = 2;
 
-/// The shared data directory beside the repository (`/work/shared/data` on the build machine).
-pub const DEFAULT_DATA_ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data");
+/// The GPT-2 tokenizer the repository keeps as a test fixture (`tests/fixtures/gpt2_tokenizer`).
+pub const DEFAULT_TOKENIZER_DIR: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/fixtures/gpt2_tokenizer"
+);

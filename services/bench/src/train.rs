@@ -29,15 +29,17 @@ use crate::report::{self, num, Table};
 #[derive(Debug, Clone, Parser)]
 #[command(name = "bench-train")]
 pub struct Args {
-    /// Directory holding `anime/anime_synopses_clean.csv` and `gpt2_tokenizer/`.
-    #[arg(long, env = "SYNOPSIS_BENCH_DATA_ROOT", default_value = crate::DEFAULT_DATA_ROOT)]
-    pub data_root: PathBuf,
+    /// Directory holding the training corpus (not in the repository: the cleaned MyAnimeList
+    /// file, `anime/anime_synopses_clean.csv`, or any CSV with a `Synopsis` column named by
+    /// `--data`). Required.
+    #[arg(long, env = "SYNOPSIS_DATA_ROOT")]
+    pub data_root: Option<PathBuf>,
     /// CSV under the data root.
     #[arg(long, default_value = "anime/anime_synopses_clean.csv")]
     pub data: String,
-    /// Tokenizer directory under the data root.
-    #[arg(long, default_value = "gpt2_tokenizer")]
-    pub tokenizer: String,
+    /// GPT-2 tokenizer directory (`tokenizer.json`); the repository's fixture by default.
+    #[arg(long, default_value = crate::DEFAULT_TOKENIZER_DIR)]
+    pub tokenizer: PathBuf,
     /// Timed steps per pipeline.
     #[arg(long, default_value_t = 4)]
     pub steps: u32,
@@ -66,6 +68,7 @@ struct Ours {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
+    let corpus = corpus_path(args)?;
     tch::set_num_threads(args.threads);
     println!(
         "bench-train: {LAYERS} layers × {WIDTH} wide × {HEADS} heads, GPT-2 vocabulary, batch {} × {}, \
@@ -79,12 +82,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     // and a load that comes and goes then weighs on both sides alike.
     let before = trainer.measure(args.warmup, args.steps)?;
     eprintln!("ours (before): {} tokens/s", num(before.tokens_per_second));
-    let original = python(args, "original")?;
+    let original = python(args, &corpus, "original")?;
     eprintln!(
         "original: {} tokens/s",
         num(original.real_tokens_per_second)
     );
-    let packed = python(args, "packed")?;
+    let packed = python(args, &corpus, "packed")?;
     eprintln!("packed: {} tokens/s", num(packed.real_tokens_per_second));
     let after = trainer.measure(args.warmup, args.steps)?;
     eprintln!("ours (after): {} tokens/s", num(after.tokens_per_second));
@@ -202,10 +205,11 @@ impl OurTrainer {
         let layout = Layout::new(root);
         layout.create().context("trainer root")?;
         let catalog = Catalog::load(&layout)?;
+        let (tokenizers, tokenizer) = tokenizer_root_and_name(args)?;
         let env = Env {
             datasets: DatasetStore::new(&root.join("datasets"))?,
-            data_root: Some(args.data_root.clone()),
-            models_root: Some(args.data_root.clone()),
+            data_root: args.data_root.clone(),
+            models_root: Some(tokenizers),
             device: Device::Cpu,
         };
         // Two measurements (before and after the references), each with its warm-up.
@@ -213,7 +217,7 @@ impl OurTrainer {
         let request = TrainRequest {
             data: Some(train_request::Data::DataPath(args.data.clone())),
             text_column: "Synopsis".into(),
-            tokenizer: args.tokenizer.clone(),
+            tokenizer,
             model: Some(ModelSpec {
                 preset: "tiny".into(),
                 n_layer: LAYERS,
@@ -287,16 +291,47 @@ impl OurTrainer {
     }
 }
 
-fn python(args: &Args, mode: &str) -> anyhow::Result<TrainReference> {
-    let data = args.data_root.join(&args.data);
-    let tokenizer = args.data_root.join(&args.tokenizer);
+/// The corpus file, or an error that says where to put it: the benchmark trains on a real
+/// corpus, which the repository does not hold.
+fn corpus_path(args: &Args) -> anyhow::Result<PathBuf> {
+    let Some(root) = &args.data_root else {
+        anyhow::bail!(
+            "bench-train needs a training corpus, which is not in the repository: pass --data-root \
+             DIR (or set SYNOPSIS_DATA_ROOT), where DIR holds {} (the cleaned MyAnimeList \
+             corpus; any CSV with a Synopsis column works through --data)",
+            args.data
+        );
+    };
+    let path = root.join(&args.data);
+    anyhow::ensure!(
+        path.is_file(),
+        "bench-train: {} not found (--data-root {}, --data {})",
+        path.display(),
+        root.display(),
+        args.data
+    );
+    Ok(path)
+}
+
+/// The tokenizer as the trainer resolves one: a directory name under its models root.
+fn tokenizer_root_and_name(args: &Args) -> anyhow::Result<(PathBuf, String)> {
+    let name = args
+        .tokenizer
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("--tokenizer {}", args.tokenizer.display()))?;
+    let root = args.tokenizer.parent().unwrap_or(std::path::Path::new("."));
+    Ok((root.to_path_buf(), name.to_string()))
+}
+
+fn python(args: &Args, corpus: &std::path::Path, mode: &str) -> anyhow::Result<TrainReference> {
     let argv = [
         "--mode".to_string(),
         mode.to_string(),
         "--data".into(),
-        data.display().to_string(),
+        corpus.display().to_string(),
         "--tokenizer".into(),
-        tokenizer.display().to_string(),
+        args.tokenizer.display().to_string(),
         "--layers".into(),
         LAYERS.to_string(),
         "--width".into(),

@@ -22,7 +22,7 @@ pub struct Gpt2 {
     ln_f: LayerNorm,
     dtype: WeightDtype,
     /// `[n_embd, vocab]` contiguous view of the tied head for decoding: a GEMV over this
-    /// layout reads memory ~1.5× faster on CPU than `linear(x, wte)` (see PERF.md).
+    /// layout reads memory ~1.5× faster on CPU than `linear(x, wte)` (see docs/performance.md).
     decode_head: Option<Tensor>,
 }
 

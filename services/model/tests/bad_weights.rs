@@ -8,7 +8,7 @@ use synopsis_model::{Gpt2, Gpt2Config, ModelError, WeightDtype};
 use tch::Device;
 
 fn fixture_config() -> Gpt2Config {
-    Gpt2Config::from_file(&shared_data("gpt2_fixtures/fake_gpt2/config.json")).unwrap()
+    Gpt2Config::from_file(&fixture("fake_gpt2/config.json")).unwrap()
 }
 
 fn load(config: &Gpt2Config, weights: &Path) -> Result<Gpt2, ModelError> {
@@ -19,7 +19,7 @@ fn load(config: &Gpt2Config, weights: &Path) -> Result<Gpt2, ModelError> {
 fn truncated_safetensors_is_a_format_error_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let weights = dir.path().join("model.safetensors");
-    let bytes = std::fs::read(shared_data("gpt2_fixtures/fake_gpt2/model.safetensors")).unwrap();
+    let bytes = std::fs::read(fixture("fake_gpt2/model.safetensors")).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
     let err = load(&fixture_config(), &weights).unwrap_err();
     assert!(matches!(err, ModelError::Format { .. }), "{err:?}");
@@ -31,7 +31,7 @@ fn config_that_disagrees_with_tensors_names_tensor_and_file() {
     let mut config = fixture_config();
     config.n_embd = 4;
     config.n_head = 1;
-    let weights = shared_data("gpt2_fixtures/fake_gpt2/model.safetensors");
+    let weights = fixture("fake_gpt2/model.safetensors");
     let err = load(&config, &weights).unwrap_err();
     match &err {
         ModelError::ShapeMismatch { name, .. } => {
@@ -46,11 +46,7 @@ fn config_that_disagrees_with_tensors_names_tensor_and_file() {
 fn config_with_more_layers_than_the_file_reports_the_missing_tensor() {
     let mut config = fixture_config();
     config.n_layer = 2;
-    let err = load(
-        &config,
-        &shared_data("gpt2_fixtures/fake_gpt2/model.safetensors"),
-    )
-    .unwrap_err();
+    let err = load(&config, &fixture("fake_gpt2/model.safetensors")).unwrap_err();
     match err {
         ModelError::MissingTensor { name, .. } => {
             assert!(name.starts_with("transformer.h.1."), "{name}")
@@ -90,7 +86,7 @@ fn malformed_config_json_is_a_format_error_naming_the_file() {
 
 #[test]
 fn bf16_weights_give_logits_close_to_f32() {
-    let dir = shared_data("gpt2_fixtures/fake_gpt2");
+    let dir = fixture("fake_gpt2");
     let config = Gpt2Config::from_file(&dir.join("config.json")).unwrap();
     let ids = tch::Tensor::from_slice(&[15496i64, 995, 13]).unsqueeze(0);
     let f32_model = load(&config, &dir.join("model.safetensors")).unwrap();

@@ -10,7 +10,7 @@ use synopsis_model::checkpoint::{
 };
 use synopsis_model::{Manifest, ModelError, WeightDtype};
 
-const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data");
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
 /// sha256("abc"), the FIPS 180-2 test vector.
 const SHA_ABC: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
 
@@ -194,13 +194,13 @@ fn stale_temp_dirs_are_removed_and_checkpoints_kept() {
 
 /// A plain Hugging Face GPT-2 directory (fixture weights + GPT-2 tokenizer), copied into `dir`.
 fn copy_hf_files(dir: &Path) {
-    let fixture = Path::new(DATA).join("gpt2_fixtures/fake_gpt2");
+    let fixture = Path::new(FIXTURES).join("fake_gpt2");
     fs::create_dir_all(dir).unwrap();
     for name in ["config.json", "model.safetensors"] {
         fs::copy(fixture.join(name), dir.join(name)).unwrap();
     }
     fs::copy(
-        Path::new(DATA).join("gpt2_tokenizer/tokenizer.json"),
+        Path::new(FIXTURES).join("gpt2_tokenizer/tokenizer.json"),
         dir.join("tokenizer.json"),
     )
     .unwrap();

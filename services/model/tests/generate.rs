@@ -7,11 +7,11 @@ use synopsis_model::generate::{generate, generate_tokens};
 use synopsis_model::{Gpt2, Gpt2Config, SamplingParams, Tokenizer, WeightDtype};
 use tch::{Device, Kind, Tensor};
 
-const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data");
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
 
 /// The random-weight GPT-2 fixture (full vocabulary, 2-wide) and the GPT-2 tokenizer.
 fn fixture() -> (Gpt2, Tokenizer) {
-    let dir = Path::new(DATA).join("gpt2_fixtures/fake_gpt2");
+    let dir = Path::new(FIXTURES).join("fake_gpt2");
     let config = Gpt2Config::from_file(&dir.join("config.json")).unwrap();
     let model = Gpt2::load(
         &config,
@@ -20,7 +20,8 @@ fn fixture() -> (Gpt2, Tokenizer) {
         WeightDtype::F32,
     )
     .unwrap();
-    let tok = Tokenizer::from_file(Path::new(DATA).join("gpt2_tokenizer/tokenizer.json")).unwrap();
+    let tok =
+        Tokenizer::from_file(Path::new(FIXTURES).join("gpt2_tokenizer/tokenizer.json")).unwrap();
     (model, tok)
 }
 

@@ -13,7 +13,7 @@ fn hf_random_gpt2_matches_reference_logits() {
     hf_interop(&[
         "make-reference",
         out,
-        shared_data("gpt2_tokenizer").to_str().unwrap(),
+        fixture("gpt2_tokenizer").to_str().unwrap(),
     ]);
 
     let config = Gpt2Config::from_file(&dir.path().join("config.json")).unwrap();
@@ -36,7 +36,7 @@ fn hf_random_gpt2_matches_reference_logits() {
 
 #[test]
 fn shared_fake_gpt2_fixture_loads_and_runs() {
-    let dir = shared_data("gpt2_fixtures/fake_gpt2");
+    let dir = fixture("fake_gpt2");
     let config = Gpt2Config::from_file(&dir.join("config.json")).unwrap();
     let model = Gpt2::load(
         &config,
@@ -54,7 +54,7 @@ fn shared_fake_gpt2_fixture_loads_and_runs() {
 #[test]
 fn unprefixed_tensor_names_load() {
     // tiny_gpt2 was saved as a bare GPT2Model: `wte.weight`, `h.0.*`, no `transformer.` prefix.
-    let dir = shared_data("gpt2_fixtures/tiny_gpt2");
+    let dir = fixture("tiny_gpt2");
     let config = Gpt2Config::from_file(&dir.join("config.json")).unwrap();
     let model = Gpt2::load(
         &config,
@@ -82,7 +82,7 @@ fn rust_saved_model_loads_in_transformers_with_same_logits_and_greedy_text() {
         .unwrap();
     config.save(&dir.path().join("config.json")).unwrap();
     std::fs::copy(
-        shared_data("gpt2_tokenizer/tokenizer.json"),
+        fixture("gpt2_tokenizer/tokenizer.json"),
         dir.path().join("tokenizer.json"),
     )
     .unwrap();

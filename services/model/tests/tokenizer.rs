@@ -5,7 +5,7 @@ use synopsis_model::{IncrementalDecoder, ModelError, Tokenizer};
 
 const GPT2_TOKENIZER: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/data/gpt2_tokenizer/tokenizer.json"
+    "/../../tests/fixtures/gpt2_tokenizer/tokenizer.json"
 );
 
 const JAPANESE: &str = "東京は日本の首都です。アニメ「進撃の巨人」";

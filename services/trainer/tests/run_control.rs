@@ -297,12 +297,12 @@ async fn fine_tunes_a_hugging_face_base_model() {
     let base = models.path().join("fake_gpt2");
     std::fs::create_dir(&base).unwrap();
     for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(shared_data("gpt2_fixtures/fake_gpt2").join(f), base.join(f)).unwrap();
+        std::fs::copy(fixture("fake_gpt2").join(f), base.join(f)).unwrap();
     }
     let tok = models.path().join("gpt2_tokenizer");
     std::fs::create_dir(&tok).unwrap();
     std::fs::copy(
-        shared_data("gpt2_tokenizer/tokenizer.json"),
+        fixture("gpt2_tokenizer/tokenizer.json"),
         tok.join("tokenizer.json"),
     )
     .unwrap();

@@ -138,7 +138,7 @@ impl Worker {
     }
 
     fn install(&mut self, mut model: ResidentModel, make_live: bool) -> Result<(), String> {
-        // Serving only decodes, so the transposed LM head is worth its memory (PERF.md).
+        // Serving only decodes, so the transposed LM head is worth its memory (docs/performance.md).
         model.loaded.model.enable_decode_head();
         if let Err(reason) = smoke_test(&model, self.cfg.device) {
             tracing::warn!(checkpoint_id = %model.checkpoint_id, %reason, "model refused");

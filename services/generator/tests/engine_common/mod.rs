@@ -24,8 +24,8 @@ pub const PATIENCE: Duration = Duration::from_secs(120);
 
 pub fn tokenizer() -> Tokenizer {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/data/gpt2_tokenizer/tokenizer.json");
-    Tokenizer::from_file(&path).expect("the GPT-2 tokenizer of the shared data")
+        .join("../../tests/fixtures/gpt2_tokenizer/tokenizer.json");
+    Tokenizer::from_file(&path).expect("the GPT-2 tokenizer fixture")
 }
 
 pub fn tiny_config(n_positions: i64) -> Gpt2Config {

@@ -23,7 +23,7 @@ use tonic_health::pb::HealthCheckRequest;
 pub const N_POSITIONS: i64 = 128;
 
 pub fn tokenizer_json() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/gpt2_tokenizer/tokenizer.json")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gpt2_tokenizer/tokenizer.json")
 }
 
 fn tiny_config() -> Gpt2Config {

@@ -10,9 +10,9 @@ pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// `../shared/data/<rel>` beside the checkout.
-pub fn shared_data(rel: &str) -> PathBuf {
-    workspace().join("../shared/data").join(rel)
+/// `tests/fixtures/<rel>` in the repository (see its README for each file's origin).
+pub fn fixture(rel: &str) -> PathBuf {
+    workspace().join("tests/fixtures").join(rel)
 }
 
 /// The Python of the libtorch venv (it has transformers and safetensors).

@@ -215,19 +215,11 @@ pub fn finished(events: &[TrainEvent]) -> synopsis_proto::v1::RunFinished {
     }
 }
 
-/// The shared data directory (`$SYNOPSIS_DATA_DIR` or `../shared/data` beside the repository);
-/// a missing directory fails the test rather than skipping it.
-pub fn shared_data(rel: &str) -> PathBuf {
-    let dir = std::env::var_os("SYNOPSIS_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
-    let path = dir.join(rel);
-    assert!(
-        path.exists(),
-        "{} not found (set SYNOPSIS_DATA_DIR)",
-        path.display()
-    );
-    path
+/// `tests/fixtures/<rel>` in the repository (see its README for each file's origin).
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(rel)
 }
 
 /// A port free right now (for the metrics endpoint, which binds its own socket).
