@@ -81,6 +81,13 @@ pub struct Config {
     #[arg(long, env = "SYNOPSIS_QUEUE", default_value_t = 256)]
     pub queue: usize,
 
+    /// Where next tokens are chosen: `device` samples the whole batch with tensor operations
+    /// where the logits are (only ids and logprobs reach the host), `host` copies the logits to
+    /// the CPU and samples row by row; `auto` is `device` on CUDA and `host` on a CPU, where the
+    /// logits are in host memory already. A seed gives the same tokens either way.
+    #[arg(long, env = "SYNOPSIS_SAMPLING", value_enum, default_value_t = SamplingPlace::Auto)]
+    pub sampling: SamplingPlace,
+
     /// Checkpoints kept in memory for pinning and rollback (the live one included).
     #[arg(long, env = "SYNOPSIS_MAX_RESIDENT", default_value_t = 3)]
     pub max_resident: usize,
@@ -154,5 +161,24 @@ mod tests {
     fn default_length_never_exceeds_the_cap() {
         let c = Config::from_args(["--max-new-tokens-cap", "16"]).unwrap();
         assert_eq!(c.limits().default_max_new_tokens, 16);
+    }
+}
+
+/// Where the engine chooses next tokens (`--sampling`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SamplingPlace {
+    Auto,
+    Host,
+    Device,
+}
+
+impl SamplingPlace {
+    /// Whether to sample where the logits are, for a model on `device`.
+    pub fn on_device(self, device: tch::Device) -> bool {
+        match self {
+            SamplingPlace::Auto => device.is_cuda(),
+            SamplingPlace::Host => false,
+            SamplingPlace::Device => true,
+        }
     }
 }

@@ -59,6 +59,7 @@ pub async fn serve(
         max_batch: config.max_batch.max(1),
         max_queue: config.queue.max(1),
         max_resident: config.max_resident.max(1),
+        sampling_on_device: config.sampling.on_device(device),
         metrics: metrics.engine.clone(),
     })?;
 

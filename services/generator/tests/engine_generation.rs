@@ -171,3 +171,66 @@ async fn the_end_of_text_token_ends_a_sequence_with_reason_eos() {
     assert_eq!(got.ids(0), vec![50256]);
     assert_eq!(got.text(0), "");
 }
+
+/// The GPU's sampling path (tensor operations over the batch) run on the CPU: every request,
+/// sharing one batch with the others, streams the same tokens as on the host path.
+#[tokio::test]
+async fn sampling_on_the_device_streams_the_host_paths_tokens() {
+    let model = random_model();
+    let (host, _) = engine();
+    let device = engine_sampling_on_device();
+    for engine in [&host, &device] {
+        engine
+            .install(resident("a", copy_of(&model)), true)
+            .await
+            .expect("install");
+    }
+    let temperature_only = synopsis_model::SamplingParams {
+        temperature: 1.2,
+        ..synopsis_model::SamplingParams::default()
+    };
+    let top_k_only = synopsis_model::SamplingParams {
+        temperature: 0.8,
+        top_k: 20,
+        ..synopsis_model::SamplingParams::default()
+    };
+    let cases = [
+        ("The", greedy(), 0),
+        ("In a distant future", sampled(), 42),
+        ("Once upon a time", temperature_only, 7),
+        ("A boy and his robot", top_k_only, 9),
+    ];
+    let mut streams = Vec::new();
+    for engine in [&host, &device] {
+        let mut pending = Vec::new();
+        for (prompt, params, seed) in &cases {
+            let (mut req, rx) = request(prompt, 24, params.clone(), *seed);
+            req.n = 2;
+            engine.submit(req).await.expect("admitted");
+            pending.push(rx);
+        }
+        let mut got = Vec::new();
+        for rx in pending {
+            got.push(collect(rx).await);
+        }
+        streams.push(got);
+    }
+    let mut sampled_tokens = 0;
+    for (case, (on_host, on_device)) in cases.iter().zip(streams[0].iter().zip(&streams[1])) {
+        for index in 0..2 {
+            assert_eq!(on_host.ids(index).len(), 24, "{case:?}");
+            assert_eq!(
+                on_host.ids(index),
+                on_device.ids(index),
+                "{case:?}, sequence {index}"
+            );
+            assert_eq!(on_host.text(index), on_device.text(index));
+        }
+        if case.1.temperature > 0.0 {
+            // Two sequences of one sampled request differ: their seeds do.
+            assert_ne!(on_host.ids(0), on_host.ids(1), "{case:?}");
+            sampled_tokens += 48;
+        }
+    }
+    assert_eq!(sampled_tokens, 3 * 48);
+}

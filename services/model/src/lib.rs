@@ -2,6 +2,7 @@
 //! sampling, tokenizers and the atomic checkpoint format shared by the trainer and generator.
 
 mod attention;
+pub mod batch_sampling;
 pub mod checkpoint;
 pub mod config;
 mod cpu_decode;

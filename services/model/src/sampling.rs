@@ -115,6 +115,19 @@ impl Sampler {
     /// the sequence so far (prompt and generated), used by the repetition penalty. NaN logits
     /// count as impossible. Empty logits give token 0 with logprob -inf rather than a panic.
     pub fn sample(&mut self, logits: &[f32], previous: &[u32]) -> Sampled {
+        let uniform = self.draw_uniform();
+        self.sample_with(logits, previous, uniform)
+    }
+
+    /// The uniform in [0, 1) that the next token is drawn with, from this request's stream:
+    /// one per sampled token, none for greedy decoding. [`crate::batch_sampling`] draws it here
+    /// and samples on the device, so both paths consume the stream alike.
+    pub fn draw_uniform(&mut self) -> Option<f64> {
+        (!self.params.is_greedy()).then(|| self.rng.random::<f64>())
+    }
+
+    /// [`Self::sample`] with the uniform already drawn (`None` for greedy).
+    fn sample_with(&mut self, logits: &[f32], previous: &[u32], uniform: Option<f64>) -> Sampled {
         if logits.is_empty() {
             return Sampled {
                 token: 0,
@@ -129,22 +142,22 @@ impl Sampler {
         }));
         self.apply_repetition_penalty(previous);
 
-        if self.params.is_greedy() {
+        let Some(uniform) = uniform.filter(|_| !self.params.is_greedy()) else {
             let token = argmax(&self.logits);
             let logprob = log_softmax_at(&self.logits, token);
             return Sampled { token, logprob };
-        }
+        };
         let n = self.logits.len();
         let top_k = self.params.top_k;
         if (top_k == 0 || top_k >= n) && self.params.top_p >= 1.0 {
-            return self.sample_unrestricted();
+            return self.sample_unrestricted(uniform);
         }
-        self.sample_filtered()
+        self.sample_filtered(uniform)
     }
 
     /// Temperature alone: every token is a candidate, so no index list is built and the
     /// weights come from the vectorised [`SoftmaxWeights`].
-    fn sample_unrestricted(&mut self) -> Sampled {
+    fn sample_unrestricted(&mut self, uniform: f64) -> Sampled {
         let max = lane_max(&self.logits);
         if max == f32::NEG_INFINITY {
             // Every token is impossible: stay deterministic instead of dividing by zero.
@@ -155,7 +168,7 @@ impl Sampler {
         }
         self.full
             .fill(&self.logits, max, 1.0 / self.params.temperature);
-        let chosen = self.full.draw(self.rng.random::<f64>());
+        let chosen = self.full.draw(uniform);
         Sampled {
             token: chosen as u32,
             logprob: (f64::from(self.full.weights[chosen]) / self.full.total).ln() as f32,
@@ -183,7 +196,7 @@ impl Sampler {
         }
     }
 
-    fn sample_filtered(&mut self) -> Sampled {
+    fn sample_filtered(&mut self, uniform: f64) -> Sampled {
         let logits = &self.logits;
         let n = logits.len();
         // Most likely first; equal logits by id so the order never depends on the algorithm.
@@ -220,12 +233,14 @@ impl Sampler {
         let top_p = f64::from(self.params.top_p);
         let nucleus = top_p < 1.0;
         if !nucleus {
-            // Top-k alone: the k candidates are the distribution.
+            // Top-k alone: the k candidates are the distribution, drawn most likely first as
+            // on the device (`batch_sampling`).
+            self.candidates.sort_unstable_by(by_likelihood);
             self.weights.clear();
             self.weights
                 .extend(self.candidates.iter().map(|&i| weight(i)));
             let total: f64 = self.weights.iter().sum();
-            return self.draw(total);
+            return self.draw(uniform, total);
         }
         // Mass of every candidate, so the nucleus can be cut before sorting everything.
         let total: f64 = self.candidates.iter().map(|&i| weight(i)).sum();
@@ -261,12 +276,12 @@ impl Sampler {
         }
         self.candidates.truncate(keep);
         self.weights.truncate(keep);
-        self.draw(mass)
+        self.draw(uniform, mass)
     }
 
     /// Draws a candidate with probability `weights[i] / total`.
-    fn draw(&mut self, total: f64) -> Sampled {
-        let target = self.rng.random::<f64>() * total;
+    fn draw(&self, uniform: f64, total: f64) -> Sampled {
+        let target = uniform * total;
         // Rounding can leave `target` at the very end: fall back to the last possible token.
         let mut chosen = self.weights.iter().rposition(|&w| w > 0.0).unwrap_or(0);
         let mut mass = 0.0;

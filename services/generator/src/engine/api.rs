@@ -88,6 +88,10 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Most models kept resident; the oldest idle non-live one is evicted beyond it.
     pub max_resident: usize,
+    /// Choose next tokens with tensor operations where the logits are, bringing only ids and
+    /// logprobs to the host (`synopsis_model::batch_sampling`), instead of copying every row's
+    /// logits to the host and sampling there. Same tokens for the same seeds either way.
+    pub sampling_on_device: bool,
     pub metrics: EngineMetrics,
 }
 
@@ -102,6 +106,7 @@ impl EngineConfig {
             max_batch: Self::DEFAULT_MAX_BATCH,
             max_queue: Self::DEFAULT_MAX_QUEUE,
             max_resident: Self::DEFAULT_MAX_RESIDENT,
+            sampling_on_device: device.is_cuda(),
             metrics,
         }
     }

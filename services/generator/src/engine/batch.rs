@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use synopsis_model::batch_sampling::{sample_rows, RowRequest};
 use synopsis_model::gpt2::Gpt2;
 use synopsis_model::sampling::{Sampled, Sampler, SamplingParams};
 use synopsis_model::tokenizer::Tokenizer;
@@ -31,8 +32,12 @@ pub(crate) struct Pending {
 pub(crate) struct StepCtx<'a> {
     pub requests: &'a mut HashMap<u64, RequestState>,
     pub metrics: &'a EngineMetrics,
-    /// Reused host buffer for the last-position logits of every row.
+    /// Reused host buffer for the last-position logits of every row (host sampling).
     pub logits: &'a mut Vec<f32>,
+    /// Sample where the logits are ([`EngineConfig::sampling_on_device`]).
+    ///
+    /// [`EngineConfig::sampling_on_device`]: super::api::EngineConfig::sampling_on_device
+    pub sampling_on_device: bool,
 }
 
 #[derive(Default)]
@@ -85,18 +90,15 @@ impl Batch {
             .unwrap_or(0);
         let mut cache = model.new_cache(rows as i64, (width + max_new as usize) as i64);
         let logits = model.forward_cached_last(&ids, &mask, &mut cache);
-        let vocab = copy_logits(&logits, ctx.logits);
-        let usable = tok.vocab_size();
 
-        let now = Instant::now();
-        let mut expand = Vec::new();
-        let mut seqs = Vec::new();
+        // Every sequence of a request (`n`) reads its prompt's row.
+        let mut created = Vec::new();
         for (row, p) in newcomers.into_iter().enumerate() {
             let stop = StopMatcher::new(&p.stop);
             for index in 0..p.n {
                 let sampler =
                     Sampler::new(p.sampling.clone(), p.seed.wrapping_add(u64::from(index)));
-                let mut seq = Sequence::new(
+                let seq = Sequence::new(
                     p.request,
                     index,
                     sampler,
@@ -104,11 +106,19 @@ impl Batch {
                     &p.prompt,
                     p.max_new_tokens,
                 );
-                let sampled = seq.sample(row_logits(ctx.logits, row, vocab, usable));
-                if accept(ctx, tok, &mut seq, sampled, now) {
-                    expand.push(row as i64);
-                    seqs.push(seq);
-                }
+                created.push((seq, row));
+            }
+        }
+        let mut picks: Vec<(&mut Sequence, usize)> =
+            created.iter_mut().map(|(seq, row)| (seq, *row)).collect();
+        let sampled = sample_picks(ctx, &logits, &mut picks, tok.vocab_size());
+        let now = Instant::now();
+        let mut expand = Vec::new();
+        let mut seqs = Vec::new();
+        for ((mut seq, row), sampled) in created.into_iter().zip(sampled) {
+            if accept(ctx, tok, &mut seq, sampled, now) {
+                expand.push(row as i64);
+                seqs.push(seq);
             }
         }
         if seqs.is_empty() {
@@ -148,19 +158,22 @@ impl Batch {
         let input: Vec<i64> = self.seqs.iter().map(|s| i64::from(s.next_input)).collect();
         let ids = Tensor::from_slice(&input).to_device(device);
         let logits = model.decode_step(&ids, cache);
-        let vocab = copy_logits(&logits, ctx.logits);
-        let usable = tok.vocab_size();
         ctx.metrics
             .decode_step_seconds
             .observe(started.elapsed().as_secs_f64());
 
+        let live: Vec<bool> = self.seqs.iter().map(|s| !aborted(ctx, s)).collect();
+        let mut picks: Vec<(&mut Sequence, usize)> = self
+            .seqs
+            .iter_mut()
+            .enumerate()
+            .filter(|(row, _)| live[*row])
+            .map(|(row, seq)| (seq, row))
+            .collect();
+        let sampled = sample_picks(ctx, &logits, &mut picks, tok.vocab_size());
         let now = Instant::now();
-        let mut keep = Vec::with_capacity(self.seqs.len());
-        for (row, seq) in self.seqs.iter_mut().enumerate() {
-            if aborted(ctx, seq) {
-                continue;
-            }
-            let sampled = seq.sample(row_logits(ctx.logits, row, vocab, usable));
+        let mut keep = Vec::with_capacity(picks.len());
+        for ((seq, row), sampled) in picks.into_iter().zip(sampled) {
             if accept(ctx, tok, seq, sampled, now) {
                 keep.push(row as i64);
             }
@@ -241,6 +254,35 @@ fn accept(
         }
         None => true,
     }
+}
+
+/// The next token of each picked sequence (with the logits row it reads), chosen on the device
+/// or on the host as the engine is configured. Only the tokenizer's `usable` ids are candidates.
+fn sample_picks(
+    ctx: &mut StepCtx<'_>,
+    logits: &Tensor,
+    picks: &mut [(&mut Sequence, usize)],
+    usable: usize,
+) -> Vec<Sampled> {
+    if ctx.sampling_on_device {
+        let requests: Vec<RowRequest<'_>> = picks
+            .iter_mut()
+            .map(|(seq, row)| seq.row_request(*row))
+            .collect();
+        match sample_rows(logits, &requests, usable) {
+            Ok(sampled) => return sampled,
+            // The host path still works from the same logits; the uniforms already drawn
+            // are lost, so only this step's draws differ from an undisturbed run.
+            Err(error) => {
+                tracing::error!(%error, "sampling on the device failed; sampling on the host")
+            }
+        }
+    }
+    let vocab = copy_logits(logits, ctx.logits);
+    picks
+        .iter_mut()
+        .map(|(seq, row)| seq.sample(row_logits(ctx.logits, *row, vocab, usable)))
+        .collect()
 }
 
 /// The logits of one row over the ids the tokenizer knows: a model whose embedding table is

@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use synopsis_model::batch_sampling::RowRequest;
 use synopsis_model::incremental::IncrementalDecoder;
 use synopsis_model::sampling::{Sampled, Sampler};
 use synopsis_model::tokenizer::Tokenizer;
@@ -176,6 +177,12 @@ impl Sequence {
     /// Samples the next token from this row's logits.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
         self.sampler.sample(logits, &self.history)
+    }
+
+    /// What the batch sampler needs to choose this sequence's next token from row
+    /// `logits_row` of the step's logits; draws the uniform it uses from this sequence's seed.
+    pub fn row_request(&mut self, logits_row: usize) -> RowRequest<'_> {
+        RowRequest::draw(&mut self.sampler, logits_row, &self.history)
     }
 
     /// Takes a sampled token: decodes it, applies stop strings and limits, and returns the

@@ -313,6 +313,7 @@ impl Worker {
                 requests: &mut self.requests,
                 metrics: &self.cfg.metrics,
                 logits: &mut self.logits,
+                sampling_on_device: self.cfg.sampling_on_device,
             };
             let loaded = &resident.model.loaded;
             let batch = &mut resident.batch;
@@ -335,6 +336,7 @@ impl Worker {
                 requests: &mut self.requests,
                 metrics: &self.cfg.metrics,
                 logits: &mut self.logits,
+                sampling_on_device: self.cfg.sampling_on_device,
             };
             let loaded = &resident.model.loaded;
             let batch = &mut resident.batch;

@@ -84,6 +84,14 @@ pub fn engine() -> (EngineHandle, EngineMetrics) {
     engine_with(32, 256, 3)
 }
 
+/// An engine that samples with tensor operations where the logits are, as on a GPU.
+pub fn engine_sampling_on_device() -> EngineHandle {
+    let metrics = EngineMetrics::new(&Registry::new()).expect("metrics");
+    let mut cfg = EngineConfig::new(Device::Cpu, metrics);
+    cfg.sampling_on_device = true;
+    spawn_engine(cfg).expect("engine thread")
+}
+
 pub fn greedy() -> SamplingParams {
     SamplingParams::greedy()
 }
