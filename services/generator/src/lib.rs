@@ -44,7 +44,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let device = synopsis_model::parse_device(&config.device).context("--device")?;
-    let dtype = WeightDtype::parse(&config.dtype).context("--dtype")?;
+    let dtype = WeightDtype::resolve(&config.dtype, device).context("--dtype")?;
     let tls = config.security.server_tls()?;
     let token = config.security.auth_token()?;
     let addr = listener.local_addr().context("listener address")?;
@@ -56,7 +56,10 @@ pub async fn serve(
     }
     let engine = spawn_engine(EngineConfig {
         device,
-        max_batch: config.max_batch.max(1),
+        max_batch: config
+            .max_batch
+            .unwrap_or_else(|| config::default_max_batch(device))
+            .max(1),
         max_queue: config.queue.max(1),
         max_resident: config.max_resident.max(1),
         sampling_on_device: config.sampling.on_device(device),

@@ -68,6 +68,19 @@ pub enum WeightDtype {
 }
 
 impl WeightDtype {
+    /// `parse`, with `auto` meaning bf16 on CUDA and f32 elsewhere (the CPU decoding kernels
+    /// read f32, and this CPU has no fast bf16 arithmetic).
+    pub fn resolve(s: &str, device: Device) -> Result<Self> {
+        if s.trim().eq_ignore_ascii_case("auto") {
+            return Ok(if device.is_cuda() {
+                WeightDtype::Bf16
+            } else {
+                WeightDtype::F32
+            });
+        }
+        Self::parse(s)
+    }
+
     pub fn parse(s: &str) -> Result<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "f32" | "float32" | "fp32" => Ok(WeightDtype::F32),
@@ -99,5 +112,31 @@ impl WeightDtype {
 impl std::fmt::Display for WeightDtype {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_dtype_is_bf16_on_cuda_and_f32_on_a_cpu() {
+        assert_eq!(
+            WeightDtype::resolve("auto", Device::Cuda(0)).unwrap(),
+            WeightDtype::Bf16
+        );
+        assert_eq!(
+            WeightDtype::resolve("AUTO", Device::Cpu).unwrap(),
+            WeightDtype::F32
+        );
+        assert_eq!(
+            WeightDtype::resolve("f16", Device::Cuda(0)).unwrap(),
+            WeightDtype::F16
+        );
+        assert_eq!(
+            WeightDtype::resolve("bf16", Device::Cpu).unwrap(),
+            WeightDtype::Bf16
+        );
+        assert!(WeightDtype::resolve("f64", Device::Cpu).is_err());
     }
 }
