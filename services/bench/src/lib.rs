@@ -9,6 +9,7 @@ pub mod reference;
 pub mod report;
 pub mod server;
 pub mod train;
+pub mod train_overhead;
 
 /// Libtorch threads on both sides: the benchmark machine has two cores.
 pub const DEFAULT_THREADS: i32 = 2;

@@ -52,6 +52,12 @@ pub struct Args {
     pub seq: u32,
     #[arg(long, default_value_t = crate::DEFAULT_THREADS)]
     pub threads: i32,
+    /// Timed steps of the overhead-bound row (12 layers × 64 wide, vocabulary 1,024).
+    #[arg(long, default_value_t = 30)]
+    pub overhead_steps: u32,
+    /// Only the overhead-bound row: random token ids, no corpus needed.
+    #[arg(long)]
+    pub overhead_only: bool,
 }
 
 /// Model shape of the benchmark (the trainer's `tiny` preset, the original project's model).
@@ -68,8 +74,11 @@ struct Ours {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let corpus = corpus_path(args)?;
     tch::set_num_threads(args.threads);
+    if args.overhead_only {
+        return crate::train_overhead::run(5, args.overhead_steps, args.threads);
+    }
+    let corpus = corpus_path(args)?;
     println!(
         "bench-train: {LAYERS} layers × {WIDTH} wide × {HEADS} heads, GPT-2 vocabulary, batch {} × {}, \
          {} timed steps after {} warm-up, {} torch threads",
@@ -184,7 +193,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         ]);
     }
     flops.print();
-    Ok(())
+    crate::train_overhead::run(5, args.overhead_steps, args.threads)
 }
 
 /// The trainer's model, optimizer and data order, ready to take steps.

@@ -450,8 +450,14 @@ mod tests {
         let weight = lin.ws.grad();
         assert!(weight.allclose(&opt.params[0].view_of(&opt.grads).unwrap(), 0.0, 0.0, false));
         opt.zero_grad();
-        assert_eq!(f64::try_from(opt.grads.abs().sum(Kind::Float)).unwrap(), 0.0);
-        assert_eq!(f64::try_from(lin.ws.grad().abs().sum(Kind::Float)).unwrap(), 0.0);
+        assert_eq!(
+            f64::try_from(opt.grads.abs().sum(Kind::Float)).unwrap(),
+            0.0
+        );
+        assert_eq!(
+            f64::try_from(lin.ws.grad().abs().sum(Kind::Float)).unwrap(),
+            0.0
+        );
     }
 
     #[test]
