@@ -1,6 +1,13 @@
 //! Picks the next token from one row of logits on the CPU: repetition penalty, temperature,
 //! top-k and top-p, with a ChaCha RNG owned by the request. Owning the RNG (never libtorch's
-//! global one) is what makes a seed reproduce the same text whatever else shares the batch.
+//! global one) makes the draws of a seed independent of whatever else shares the batch.
+//!
+//! What a seed reproduces, exactly: the same checkpoint, device and dtype with the same rows in
+//! each step give the same text bit for bit. Other rows in the batch change nothing in the
+//! draws, but can change the logits in their last bits (the CPU decodes up to 4 rows with one
+//! kernel and 5 to 16 with another, whose fused multiply-adds round differently; libtorch
+//! and cuBLAS choose kernels by shape), so a token whose draw falls within that rounding of a
+//! boundary between two tokens can differ, and the text after it.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
