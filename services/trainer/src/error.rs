@@ -121,8 +121,9 @@ impl From<TrainerError> for Status {
             | TrainerError::Internal(_) => Code::Internal,
         };
         if code == Code::Internal {
-            tracing::error!(error = %error, "internal error");
+            // Never the failure itself: libtorch's messages carry C++ backtraces and paths.
+            return Status::new(code, synopsis_common::internal_message(&error));
         }
-        Status::new(code, error.to_string())
+        synopsis_common::bounded_status(code, &error.to_string())
     }
 }

@@ -63,6 +63,7 @@ pub async fn serve(
                 c.data_root,
                 c.models_root,
                 c.max_upload_bytes,
+                c.max_run_memory,
                 device,
             )
         })
@@ -76,8 +77,8 @@ pub async fn serve(
     }
 
     let (health, health_service) = synopsis_common::health_service().await;
-    let reflection = synopsis_common::reflection_service()?;
-    let reflection_alpha = synopsis_common::reflection_service_v1alpha()?;
+    let reflection = synopsis_common::reflection_service("synopsis.v1.Trainer")?;
+    let reflection_alpha = synopsis_common::reflection_service_v1alpha("synopsis.v1.Trainer")?;
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let trainer = TrainerServer::new(service::TrainerService::new(manager.clone(), drain_rx))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);

@@ -95,6 +95,7 @@ impl Manager {
         data_root: Option<PathBuf>,
         models_root: Option<PathBuf>,
         max_upload_bytes: u64,
+        max_run_memory: Option<u64>,
         device: Device,
     ) -> Result<Self> {
         let layout = Layout::new(root);
@@ -119,6 +120,7 @@ impl Manager {
                 data_root,
                 models_root,
                 device,
+                max_run_memory,
             },
             layout,
             runs,
@@ -176,6 +178,8 @@ impl Manager {
     /// Resolves `req`, creates the run and starts its thread. Returns once the run exists;
     /// its events follow on the run's broadcast and log.
     pub async fn start(self: &Arc<Self>, req: TrainRequest) -> Result<Arc<Run>> {
+        // Validation first: an invalid request is INVALID_ARGUMENT even while a run goes on.
+        train::plan::precheck(&req, &self.env)?;
         let guard = self.reserve()?;
         let this = self.clone();
         let prepared = tokio::task::spawn_blocking(move || {
@@ -259,7 +263,16 @@ impl Manager {
             },
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "run failed");
-                (RunState::Failed, e.to_string())
+                // The run's events go to clients: libtorch's text (C++ backtraces, paths)
+                // stays in the log.
+                let message = match &e {
+                    TrainerError::Torch(_)
+                    | TrainerError::Model(_)
+                    | TrainerError::Io { .. }
+                    | TrainerError::Internal(_) => synopsis_common::internal_message(&e),
+                    _ => synopsis_common::bounded_message(&e.to_string()),
+                };
+                (RunState::Failed, message)
             }
             Err(panic) => {
                 let what = panic
@@ -268,7 +281,10 @@ impl Manager {
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_else(|| "unknown panic".into());
                 tracing::error!(panic = %what, "run panicked");
-                (RunState::Failed, format!("internal error: {what}"))
+                (
+                    RunState::Failed,
+                    synopsis_common::internal_message(&format!("the run panicked: {what}")),
+                )
             }
         };
         self.metrics.tokens_per_second.set(0.0);

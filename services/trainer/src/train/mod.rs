@@ -3,6 +3,7 @@
 
 pub mod batches;
 pub mod hyper;
+pub mod memory;
 pub mod optimizer;
 pub mod plan;
 pub mod schedule;

@@ -105,6 +105,75 @@ pub struct Env {
     pub data_root: Option<PathBuf>,
     pub models_root: Option<PathBuf>,
     pub device: Device,
+    /// `--max-run-memory`: what a run's estimate is checked against instead of the host's
+    /// available memory.
+    pub max_run_memory: Option<u64>,
+}
+
+/// Longest `run_name`, in characters: it is shown in one cell of `synopsis runs`.
+pub const MAX_RUN_NAME_CHARS: usize = 100;
+
+fn check_run_name(name: &str) -> Result<()> {
+    let chars = name.chars().count();
+    if chars > MAX_RUN_NAME_CHARS {
+        return Err(TrainerError::invalid(
+            "run_name",
+            format!("is {chars} characters, the limit is {MAX_RUN_NAME_CHARS}"),
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(TrainerError::invalid(
+            "run_name",
+            format!(
+                "holds the control character {}; use printable characters",
+                c.escape_default()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The checks of a request that need no file and no device, done before the device is
+/// reserved: an invalid request is INVALID_ARGUMENT whether or not a run is going on (a busy
+/// answer, RESOURCE_EXHAUSTED, is one clients retry). Includes the memory estimate of a
+/// model trained from scratch, so an oversized one is refused before its data is read.
+pub fn precheck(req: &TrainRequest, env: &Env) -> Result<()> {
+    check_run_name(&req.run_name)?;
+    if req.resume_from.is_empty() {
+        if req.data.is_none() {
+            return Err(TrainerError::invalid(
+                "data",
+                "set dataset_id (from UploadDataset) or data_path",
+            ));
+        }
+    } else {
+        reject_with_resume(req)?;
+    }
+    let hyper = resolve_hyper(req.hyper.as_ref(), None, !req.base_model.is_empty())?;
+    let scratch = req.resume_from.is_empty() && req.base_model.is_empty();
+    if scratch && req.tokenizer.is_empty() {
+        let spec = req.model.clone().unwrap_or_default();
+        let vocab = if spec.vocab_size > 0 {
+            spec.vocab_size
+        } else {
+            DEFAULT_BPE_VOCAB
+        };
+        if vocab > MAX_BPE_VOCAB {
+            return Err(TrainerError::invalid(
+                "model.vocab_size",
+                format!("{vocab} is above the limit of {MAX_BPE_VOCAB}"),
+            ));
+        }
+        let config = scratch_shape(&spec, i64::from(vocab), 0)?;
+        let seq_len = resolve_seq_len(hyper.seq_len, config.n_positions)?;
+        super::memory::check(
+            &config,
+            hyper.batch_size,
+            seq_len,
+            super::memory::limit(env.device, env.max_run_memory),
+        )?;
+    }
+    Ok(())
 }
 
 /// Resolves and loads everything (blocking: reads the CSV, may train a tokenizer, loads
@@ -280,7 +349,13 @@ pub fn prepare(req: &TrainRequest, env: &Env, catalog: &Catalog) -> Result<Plan>
         ));
     }
 
-    // Model and optimizer on the device.
+    // Model and optimizer on the device, once their estimate fits.
+    super::memory::check(
+        &model_config,
+        hyper.batch_size,
+        hyper.seq_len,
+        super::memory::limit(env.device, env.max_run_memory),
+    )?;
     tch::manual_seed(hyper.seed as i64);
     let model = match &weights {
         Some(path) => Gpt2::load(&model_config, path, env.device, WeightDtype::F32).map_err(
@@ -441,6 +516,15 @@ pub(crate) fn bad(field: &'static str) -> impl Fn(synopsis_model::ModelError) ->
 /// The shape of a model trained from scratch: the preset, each set field overriding it, and
 /// the tokenizer's vocabulary and end-of-text id.
 fn scratch_config(spec: &synopsis_proto::v1::ModelSpec, tok: &Tokenizer) -> Result<Gpt2Config> {
+    scratch_shape(spec, tok.vocab_size() as i64, i64::from(tok.eos_id()))
+}
+
+/// The shape of [`scratch_config`] for a vocabulary of `vocab_size` ending in `eos`.
+fn scratch_shape(
+    spec: &synopsis_proto::v1::ModelSpec,
+    vocab_size: i64,
+    eos: i64,
+) -> Result<Gpt2Config> {
     let preset = if spec.preset.is_empty() {
         DEFAULT_PRESET
     } else {
@@ -469,9 +553,9 @@ fn scratch_config(spec: &synopsis_proto::v1::ModelSpec, tok: &Tokenizer) -> Resu
             *slot = i64::from(value);
         }
     }
-    config.vocab_size = tok.vocab_size() as i64;
-    config.eos_token_id = i64::from(tok.eos_id());
-    config.bos_token_id = i64::from(tok.eos_id());
+    config.vocab_size = vocab_size;
+    config.eos_token_id = eos;
+    config.bos_token_id = eos;
     config
         .validate()
         .map_err(|m| TrainerError::invalid("model", m))?;
