@@ -21,7 +21,10 @@ fn cgroup_available() -> Option<u64> {
             if limit >= 1 << 60 {
                 return None;
             }
-            (limit, read_u64(&v1.join("memory.usage_in_bytes")).unwrap_or(0))
+            (
+                limit,
+                read_u64(&v1.join("memory.usage_in_bytes")).unwrap_or(0),
+            )
         }
     };
     Some(limit.saturating_sub(used))

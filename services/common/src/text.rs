@@ -55,7 +55,10 @@ pub fn bounded_message(message: &str) -> String {
         return escaped;
     }
     let mut out: String = escaped.chars().take(MAX_STATUS_CHARS - 40).collect();
-    out.push_str(&format!("… ({} more characters)", total - (MAX_STATUS_CHARS - 40)));
+    out.push_str(&format!(
+        "… ({} more characters)",
+        total - (MAX_STATUS_CHARS - 40)
+    ));
     out
 }
 

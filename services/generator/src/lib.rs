@@ -130,8 +130,12 @@ pub async fn serve(
     let router = builder
         .layer(synopsis_common::auth_layer(token))
         .add_service(health_service)
-        .add_service(synopsis_common::reflection_service("synopsis.v1.Generator")?)
-        .add_service(synopsis_common::reflection_service_v1alpha("synopsis.v1.Generator")?)
+        .add_service(synopsis_common::reflection_service(
+            "synopsis.v1.Generator",
+        )?)
+        .add_service(synopsis_common::reflection_service_v1alpha(
+            "synopsis.v1.Generator",
+        )?)
         .add_service(GeneratorServer::new(GeneratorService::new(Arc::clone(
             &state,
         ))));

@@ -40,7 +40,11 @@ pub enum DataError {
     )]
     NoTextColumn { columns: Vec<String> },
     /// A named text column or condition column is not in the header.
-    #[error("column {} is not in the CSV header (columns found: {})", quote(column), column_list(columns))]
+    #[error(
+        "column {} is not in the CSV header (columns found: {})",
+        quote(column),
+        column_list(columns)
+    )]
     MissingColumn {
         column: String,
         columns: Vec<String>,
@@ -67,7 +71,11 @@ pub enum DataError {
     #[error("the upload is empty")]
     EmptyUpload,
     /// A prompt value names a field that the checkpoint's template does not have.
-    #[error("unknown conditioning field {} (known: {})", quote(key), column_list(known))]
+    #[error(
+        "unknown conditioning field {} (known: {})",
+        quote(key),
+        column_list(known)
+    )]
     UnknownConditionKey { key: String, known: Vec<String> },
     /// An option out of range (e.g. min_chars above max_chars).
     #[error("invalid data option: {0}")]
