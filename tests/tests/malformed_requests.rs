@@ -556,13 +556,15 @@ fn broken_field(r: &pb::GenerateRequest) -> Option<&'static str> {
         Some("prompt")
     } else if r.max_new_tokens > 512 {
         Some("max_new_tokens")
-    } else if r.n > 8 {
+    } else if r.n > 8 || (r.sampling.is_none() && r.n > 1) {
         Some("n")
     } else if !s.temperature.is_finite() || s.temperature < 0.0 {
         Some("sampling.temperature")
     } else if !s.top_p.is_finite() || !(0.0..=1.0).contains(&s.top_p) {
         Some("sampling.top_p")
-    } else if !s.repetition_penalty.is_finite() || s.repetition_penalty < 0.0 {
+    } else if !s.repetition_penalty.is_finite()
+        || (s.repetition_penalty != 0.0 && s.repetition_penalty < 1.0)
+    {
         Some("sampling.repetition_penalty")
     } else if r.stop.len() > 8 {
         Some("stop")
