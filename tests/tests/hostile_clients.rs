@@ -435,4 +435,76 @@ async fn hostile_requests_get_short_delivered_statuses_and_servers_stay_healthy(
         .await
         .expect("a plain request still generates");
     assert_eq!(done.len(), 1);
+
+    // Client typos are not refusals: the refused list keeps only checkpoints that exist and
+    // failed; the metrics show the live checkpoint and every label at 0 or more.
+    let info = g
+        .model_info(pb::ModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.refused.is_empty(), "{:?}", info.refused);
+    // The generator follows the trainer: runs the hostile calls started and stopped may have
+    // written checkpoints it made live since.
+    let scrape = e2e::scrape(generator.metrics).unwrap();
+    let live = format!(
+        "synopsis_generator_live_checkpoint_info{{checkpoint_id=\"{}\"}}",
+        info.live_checkpoint_id
+    );
+    assert_eq!(e2e::metric(&scrape, &live), Some(1.0), "{scrape}");
+    for reason in ["download", "load", "template", "smoke_test"] {
+        let series = format!("synopsis_generator_refused_loads_total{{reason=\"{reason}\"}}");
+        assert_eq!(e2e::metric(&scrape, &series), Some(0.0), "{scrape}");
+    }
+    let series = "synopsis_generator_requests_total{outcome=\"deadline_exceeded\"}";
+    assert!(e2e::metric(&scrape, series).is_some(), "{scrape}");
+
+    // One checkpoint, one size: the generator counts it as the trainer does.
+    let listed = t
+        .list_checkpoints(pb::ListCheckpointsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoints;
+    for resident in info.resident.iter().filter_map(|r| r.info.as_ref()) {
+        let at_trainer = listed
+            .iter()
+            .find(|c| c.checkpoint_id == resident.checkpoint_id)
+            .unwrap_or_else(|| panic!("{} is not listed by the trainer", resident.checkpoint_id));
+        assert_eq!(
+            resident.size_bytes, at_trainer.size_bytes,
+            "{}",
+            resident.checkpoint_id
+        );
+    }
+}
+
+/// A `--model` that cannot be served is a configuration error: the generator exits non-zero
+/// at start saying why, instead of running on with no model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_cannot_be_served_stops_the_generator_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+    let port = synopsis_tests::free_port();
+    let process = synopsis_tests::ServiceProcess::spawn(
+        synopsis_tests::workspace_bin("synopsis-generator"),
+        [
+            "--listen".to_string(),
+            format!("127.0.0.1:{port}"),
+            "--device".into(),
+            "cpu".into(),
+            "--model".into(),
+            dir.path().display().to_string(),
+        ],
+    )
+    .unwrap();
+    let status = process
+        .wait_exit(e2e::START)
+        .expect("the generator must exit when --model cannot be served");
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        process.log().contains("cannot serve --model"),
+        "{}",
+        process.log_tail()
+    );
 }

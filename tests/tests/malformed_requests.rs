@@ -493,17 +493,33 @@ async fn every_rpc_answers_malformed_requests_with_its_documented_status() {
             Code::InvalidArgument,
             "path",
         ),
+        // Outside the load roots, missing or not: the same PERMISSION_DENIED (a NOT_FOUND
+        // would tell a caller which paths exist on the host).
         (
-            "missing path",
+            "missing path outside the load roots",
             load(Some(Source::Path("/no/such/dir".into()))),
-            Code::NotFound,
+            Code::PermissionDenied,
             "/no/such/dir",
+        ),
+        (
+            "missing path inside the load roots",
+            load(Some(Source::Path(
+                dir.path().join("no-such-dir").display().to_string(),
+            ))),
+            Code::NotFound,
+            "no-such-dir",
         ),
         (
             "path with NUL",
             load(Some(Source::Path("/tmp\0/x".into()))),
-            Code::NotFound,
+            Code::PermissionDenied,
             "",
+        ),
+        (
+            "path-like checkpoint id",
+            load(Some(Source::CheckpointId("../../etc/passwd".into()))),
+            Code::InvalidArgument,
+            "checkpoint_id",
         ),
         (
             "path outside the load roots",

@@ -89,13 +89,16 @@ pub async fn serve(
 
     let mut sources = Vec::new();
     if let Some(dir) = config.model.clone() {
-        let state = Arc::clone(&state);
-        sources.push(tokio::spawn(async move {
-            let source = format!("model:{}", dir.display());
-            if let Err(e) = swap::install_dir(&state, &dir, &source, true).await {
-                error!(dir = %dir.display(), error = %e, "cannot serve --model");
-            }
-        }));
+        // Loaded before the server listens: a --model that cannot be served ends the process
+        // with the reason (a generator left running with no model only answers UNAVAILABLE).
+        let source = format!("model:{}", dir.display());
+        if let Err(e) = swap::install_dir(&state, &dir, &source, true).await {
+            error!(dir = %dir.display(), error = %e, "cannot serve --model");
+            return Err(anyhow::anyhow!(
+                "cannot serve --model {}: {e}",
+                dir.display()
+            ));
+        }
     }
     if let Some(root) = config.watch_dir.clone() {
         let interval = Duration::from_millis(config.watch_interval_ms.max(10));

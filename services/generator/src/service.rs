@@ -400,9 +400,7 @@ impl Generator for GeneratorService {
 
 impl GeneratorService {
     async fn load_by_id(&self, id: &str) -> Result<pb::CheckpointInfo, ServiceError> {
-        if id.is_empty() {
-            return Err(FieldError::new("checkpoint_id", "must not be empty").into());
-        }
+        check_checkpoint_id(id)?;
         if self.state.resident(id).is_some() {
             return swap::make_live(&self.state, id)
                 .await
@@ -422,30 +420,93 @@ impl GeneratorService {
         if path.trim().is_empty() {
             return Err(FieldError::new("path", "must not be empty").into());
         }
-        // Resolved first (`..`, symlinks), then held to the load roots.
-        let dir = match std::fs::canonicalize(PathBuf::from(path)) {
+        let shown = synopsis_common::quote(path);
+        let outside = || {
+            ServiceError::PermissionDenied(format!(
+                "path {shown} is outside the directories this generator loads from \
+                 (--load-root, --watch-dir, --cache-dir)"
+            ))
+        };
+        // Held to the load roots as written first, so a path outside them is refused the same
+        // way whether or not it exists (NOT_FOUND there would tell a caller what exists on
+        // the host); then resolved (symlinks) and held to them again.
+        let lexical = lexical_absolute(path).ok_or_else(outside)?;
+        let roots = &self.state.load_roots;
+        if !roots.iter().any(|root| lexical.starts_with(root)) {
+            return Err(outside());
+        }
+        let dir = match std::fs::canonicalize(&lexical) {
             Ok(dir) if dir.is_dir() => dir,
             _ => {
                 return Err(ServiceError::NotFound(format!(
-                    "path {path} is not a directory on the generator"
+                    "path {shown} is not a directory on the generator"
                 )))
             }
         };
-        if !self
-            .state
-            .load_roots
-            .iter()
-            .any(|root| dir.starts_with(root))
-        {
-            return Err(ServiceError::PermissionDenied(format!(
-                "path {path} is outside the directories this generator loads from \
-                 (--load-root, --watch-dir, --cache-dir)"
-            )));
+        if !roots.iter().any(|root| dir.starts_with(root)) {
+            return Err(outside());
         }
         let source = format!("load:{}", dir.display());
         swap::install_dir(&self.state, &dir, &source, true)
             .await
             .map_err(swap_error)
+    }
+}
+
+/// `path` made absolute (against the working directory) without touching the file system;
+/// `None` if it climbs with `..` (never inside a root) or holds a NUL.
+fn lexical_absolute(path: &str) -> Option<PathBuf> {
+    use std::path::Component;
+    if path.contains('\0') {
+        return None;
+    }
+    let path = PathBuf::from(path);
+    let base = if path.is_absolute() {
+        PathBuf::new()
+    } else {
+        std::env::current_dir().ok()?
+    };
+    let mut out = base;
+    for component in path.components() {
+        match component {
+            Component::ParentDir => return None,
+            Component::CurDir => {}
+            other => out.push(other.as_os_str()),
+        }
+    }
+    Some(out)
+}
+
+/// Longest checkpoint id accepted (a run id, '/', a name; or a directory name, '@', 12 hex).
+const MAX_CHECKPOINT_ID_CHARS: usize = 257;
+
+/// Checks a checkpoint id locally, so a path or a typo never reaches the trainer (and never
+/// fills the refused list): `<run_id>/<name>` or `<dir>@<12 hex>`, each part of
+/// `[A-Za-z0-9._-]` not starting with '.'.
+fn check_checkpoint_id(id: &str) -> Result<(), FieldError> {
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && !p.starts_with('.')
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    let ok = id.len() <= MAX_CHECKPOINT_ID_CHARS
+        && match (id.split_once('/'), id.split_once('@')) {
+            (Some((run, name)), None) => part_ok(run) && part_ok(name),
+            (None, Some((dir, digest))) => part_ok(dir) && part_ok(digest),
+            _ => false,
+        };
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            "checkpoint_id",
+            format!(
+                "{} is not a checkpoint id (expected <run_id>/<name> as ListCheckpoints or \
+                 ModelInfo show it; to load a directory use `path`)",
+                synopsis_common::quote(id)
+            ),
+        ))
     }
 }
 

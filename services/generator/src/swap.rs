@@ -36,6 +36,17 @@ pub enum SwapError {
 }
 
 impl SwapError {
+    /// The `reason` label of the refused-loads counter.
+    pub fn reason_label(&self) -> &'static str {
+        match self {
+            SwapError::Load(_) => "load",
+            SwapError::Template(_) => "template",
+            SwapError::Install(_) => "smoke_test",
+            SwapError::Download(_) => "download",
+            SwapError::Unreachable(_) | SwapError::NotFound(_) | SwapError::Task(_) => "other",
+        }
+    }
+
     /// True when the checkpoint may still be in the middle of being copied (a file missing or
     /// short), so a watcher should look again instead of refusing it for good.
     pub fn is_incomplete(&self) -> bool {
@@ -59,6 +70,7 @@ pub async fn install_dir(
     match &result {
         Ok(info) => {
             state.metrics.swaps.inc();
+            state.metrics.set_live(&info.checkpoint_id);
             info!(checkpoint_id = %info.checkpoint_id, source, "checkpoint is live");
         }
         Err(e) if e.is_incomplete() && !record_incomplete => {
@@ -66,6 +78,7 @@ pub async fn install_dir(
         }
         Err(e) => {
             state.metrics.swap_failures.inc();
+            state.metrics.refused_load(e.reason_label());
             let id = peek_manifest(dir)
                 .map(|m| m.checkpoint_id)
                 .unwrap_or_else(|| dir.display().to_string());
@@ -141,6 +154,7 @@ pub async fn make_live(
     let result = state.engine.set_live(checkpoint_id).await;
     state.refresh_health().await;
     result?;
+    state.metrics.set_live(checkpoint_id);
     info!(checkpoint_id, "resident checkpoint made live");
     state
         .resident(checkpoint_id)
@@ -151,6 +165,7 @@ pub async fn make_live(
 /// Refuses a checkpoint that never reached the loader (download failed).
 pub fn refuse(state: &State, checkpoint_id: &str, reason: &str) {
     state.metrics.swap_failures.inc();
+    state.metrics.refused_load("download");
     state.refuse(checkpoint_id, reason);
     warn!(
         checkpoint_id,
@@ -170,7 +185,7 @@ fn checkpoint_info(
     loaded: &LoadedModel,
     template: Option<&Conditioning>,
 ) -> Result<pb::CheckpointInfo, SwapError> {
-    let size_bytes = loaded.files.values().map(|f| f.size).sum();
+    let size_bytes: u64 = loaded.files.values().map(|f| f.size).sum();
     let parameters = loaded.model.config().num_parameters().max(0) as u64;
     let condition_columns = template.map(|t| t.columns.clone()).unwrap_or_default();
     let info = match &loaded.manifest {
@@ -181,7 +196,12 @@ fn checkpoint_info(
             step: m.step,
             val_loss: m.val_loss.unwrap_or(f64::NAN),
             sha256: checkpoint::sha256_file(&dir.join(MANIFEST))?,
-            size_bytes,
+            // As the trainer counts it: every file the manifest lists (the optimizer state
+            // too, even when it was not downloaded) plus manifest.json itself.
+            size_bytes: m.total_bytes()
+                + std::fs::metadata(dir.join(MANIFEST))
+                    .map(|md| md.len())
+                    .unwrap_or(0),
             created: m.created,
             reason: m.reason.clone(),
             condition_columns,
