@@ -477,7 +477,7 @@ fn lexical_absolute(path: &str) -> Option<PathBuf> {
     Some(out)
 }
 
-/// Longest checkpoint id accepted (a run id, '/', a name; or a directory name, '@', 12 hex).
+/// Longest checkpoint id accepted: two parts of at most 128 characters and their separator.
 const MAX_CHECKPOINT_ID_CHARS: usize = 257;
 
 /// Checks a checkpoint id locally, so a path or a typo never reaches the trainer (and never
@@ -485,7 +485,9 @@ const MAX_CHECKPOINT_ID_CHARS: usize = 257;
 /// `[A-Za-z0-9._-]` not starting with '.'.
 fn check_checkpoint_id(id: &str) -> Result<(), FieldError> {
     let part_ok = |p: &str| {
+        // The trainer's own rule for each part (ids.rs): a part it would refuse is a typo.
         !p.is_empty()
+            && p.len() <= 128
             && !p.starts_with('.')
             && p.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
