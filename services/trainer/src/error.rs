@@ -96,10 +96,13 @@ fn data_code(error: &DataError) -> Code {
         | DataError::InvalidDatasetId(_)
         | DataError::PathRefused { .. }
         | DataError::EmptyUpload
+        | DataError::NotCsv(_)
         | DataError::UnknownConditionKey { .. }
         | DataError::InvalidOption(_) => Code::InvalidArgument,
         DataError::UnknownDataset(_) | DataError::PathNotFound(_) => Code::NotFound,
-        DataError::UploadTooLarge { .. } => Code::ResourceExhausted,
+        DataError::UploadTooLarge { .. } | DataError::QuotaExceeded { .. } => {
+            Code::ResourceExhausted
+        }
     }
 }
 

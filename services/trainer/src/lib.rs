@@ -62,7 +62,12 @@ pub async fn serve(
                 c.root,
                 c.data_root,
                 c.models_root,
-                c.max_upload_bytes,
+                manager::UploadLimits {
+                    max_upload_bytes: c.max_upload_bytes,
+                    quota: c.max_datasets_bytes,
+                    retention: (c.dataset_retention_hours > 0)
+                        .then(|| std::time::Duration::from_secs(c.dataset_retention_hours * 3600)),
+                },
                 c.max_run_memory,
                 device,
             )

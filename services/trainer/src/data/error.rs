@@ -67,6 +67,15 @@ pub enum DataError {
     /// An upload went over the store's size limit.
     #[error("upload exceeds the limit of {limit} bytes")]
     UploadTooLarge { limit: u64 },
+    /// An upload is not a usable CSV (not UTF-8, no header, no data row).
+    #[error("the upload is not a usable CSV: {0}")]
+    NotCsv(String),
+    /// Storing an upload would take the stored datasets over `--max-datasets-bytes`.
+    #[error(
+        "the stored datasets would exceed their quota of {quota} bytes ({used} bytes in use); \
+         unused datasets are removed after --dataset-retention-hours, or ask the operator"
+    )]
+    QuotaExceeded { quota: u64, used: u64 },
     /// An upload carried no bytes.
     #[error("the upload is empty")]
     EmptyUpload,
