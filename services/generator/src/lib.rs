@@ -83,6 +83,10 @@ pub async fn serve(
         cache_dir,
         load_roots,
         trainer: trainer.clone(),
+        cache_budget: swap::CacheBudget {
+            max_batch: config.max_batch.max(1),
+            max_memory: config.max_cache_memory,
+        },
         health,
     }));
     state.refresh_health().await;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use synopsis_model::checkpoint::{self, LoadedModel, Manifest, MANIFEST};
-use synopsis_model::ModelError;
+use synopsis_model::{ModelError, WeightDtype};
 use synopsis_proto::v1 as pb;
 use tracing::{info, warn};
 
@@ -54,6 +54,53 @@ impl SwapError {
             self,
             SwapError::Load(ModelError::MissingFile { .. } | ModelError::SizeMismatch { .. })
         )
+    }
+}
+
+/// What a model's attention cache must fit in: `max_batch` sequences of its full context.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheBudget {
+    pub max_batch: usize,
+    /// `--max-cache-memory`; `None`: the host's available memory on the CPU, no check on a GPU.
+    pub max_memory: Option<u64>,
+}
+
+impl CacheBudget {
+    /// Bytes of keys and values for `max_batch` sequences of `n_positions` tokens.
+    pub fn cache_bytes(&self, config: &synopsis_model::Gpt2Config, dtype: WeightDtype) -> u128 {
+        let element: u128 = match dtype {
+            WeightDtype::F32 => 4,
+            WeightDtype::Bf16 | WeightDtype::F16 => 2,
+        };
+        let per_token = 2 * config.n_layer.max(0) as u128 * config.n_embd.max(0) as u128;
+        self.max_batch as u128 * config.n_positions.max(0) as u128 * per_token * element
+    }
+
+    /// Refuses a model whose full cache would not fit, naming both sizes.
+    pub fn check(
+        &self,
+        config: &synopsis_model::Gpt2Config,
+        device: tch::Device,
+        dtype: WeightDtype,
+    ) -> Result<(), SwapError> {
+        let limit = self.max_memory.or_else(|| match device {
+            tch::Device::Cpu => synopsis_common::available_host_memory(),
+            _ => None,
+        });
+        let Some(limit) = limit else { return Ok(()) };
+        let need = self.cache_bytes(config, dtype);
+        if need > u128::from(limit) {
+            let need = u64::try_from(need).unwrap_or(u64::MAX);
+            return Err(SwapError::Load(ModelError::Invalid(format!(
+                "its attention cache for --max-batch {} sequences of {} tokens needs about {}, \
+                 more than the {} available; lower --max-batch or give the generator more memory",
+                self.max_batch,
+                config.n_positions,
+                synopsis_common::human_bytes(need),
+                synopsis_common::human_bytes(limit)
+            ))));
+        }
+        Ok(())
     }
 }
 
@@ -112,6 +159,7 @@ async fn install_locked(
 
     let owned_dir = dir.to_path_buf();
     let (device, dtype) = (state.device, state.dtype);
+    let budget = state.cache_budget;
     let (loaded, info, template) = tokio::task::spawn_blocking(move || {
         // Loading must not start a second OpenMP team beside the engine's: that makes every
         // decoding step pay thread wake-ups (see `torch_threads`).
@@ -119,6 +167,7 @@ async fn install_locked(
         // Files serving does not need (the optimizer state, never downloaded) may be absent;
         // every file present is verified against the manifest.
         let loaded = checkpoint::load_model_dir(&owned_dir, device, dtype)?;
+        budget.check(loaded.model.config(), device, dtype)?;
         let template =
             Conditioning::from_metadata(&loaded.metadata).map_err(SwapError::Template)?;
         let info = checkpoint_info(&owned_dir, &loaded, template.as_ref())?;
