@@ -331,8 +331,10 @@ fn generate_string_fields() -> Vec<(&'static str, GenerateEdit)> {
     ]
 }
 
-fn generate_numeric_fields() -> Vec<(String, Box<dyn Fn(&mut pb::GenerateRequest)>)> {
-    let mut out: Vec<(String, Box<dyn Fn(&mut pb::GenerateRequest)>)> = vec![
+type GenerateNumber = Box<dyn Fn(&mut pb::GenerateRequest)>;
+
+fn generate_numeric_fields() -> Vec<(String, GenerateNumber)> {
+    let mut out: Vec<(String, GenerateNumber)> = vec![
         (
             "max_new_tokens = u32::MAX".into(),
             Box::new(|r| r.max_new_tokens = u32::MAX),

@@ -58,7 +58,7 @@ pub async fn follow_run(
         for event in replay {
             if event.seq < next {
                 if is_finished(&event) {
-                    let _ = tx.send(Err(ended_before(&event, from_seq))).await;
+                    let _ = tx.send(Err(ended_before(event.seq, from_seq))).await;
                     return;
                 }
                 continue;
@@ -91,8 +91,8 @@ pub async fn follow_run(
             match received {
                 Ok(event) => match forward(event, &mut next, &tx).await {
                     Forward::Sent => {}
-                    Forward::EndedBefore(event) => {
-                        let _ = tx.send(Err(ended_before(&event, from_seq))).await;
+                    Forward::EndedBefore(last) => {
+                        let _ = tx.send(Err(ended_before(last, from_seq))).await;
                         return;
                     }
                     Forward::Gap => break,
@@ -109,7 +109,8 @@ pub async fn follow_run(
 enum Forward {
     Sent,
     /// The run finished before the seq the client asked to start from: nothing will come.
-    EndedBefore(TrainEvent),
+    /// Carries the seq of the run's `finished` event.
+    EndedBefore(u64),
     /// A seq was skipped (should not happen: the log is written first); re-read the log.
     Gap,
     /// The run finished or the client left.
@@ -120,7 +121,7 @@ enum Forward {
 async fn forward(event: TrainEvent, next: &mut u64, tx: &EventTx) -> Forward {
     if event.seq < *next {
         if is_finished(&event) {
-            return Forward::EndedBefore(event);
+            return Forward::EndedBefore(event.seq);
         }
         return Forward::Sent;
     }
@@ -141,8 +142,8 @@ async fn flush(rx: &mut broadcast::Receiver<TrainEvent>, next: &mut u64, tx: &Ev
     while let Ok(event) = rx.try_recv() {
         match forward(event, next, tx).await {
             Forward::Sent => {}
-            Forward::EndedBefore(event) => {
-                let _ = tx.send(Err(ended_before(&event, *next))).await;
+            Forward::EndedBefore(last) => {
+                let _ = tx.send(Err(ended_before(last, *next))).await;
                 return;
             }
             Forward::Gap | Forward::Done => return,
@@ -152,10 +153,9 @@ async fn flush(rx: &mut broadcast::Receiver<TrainEvent>, next: &mut u64, tx: &Ev
 
 /// The status ending a stream that asked to start past the run's last event: the answer
 /// WatchRun gives at once for a run already finished, given when the run finishes.
-fn ended_before(finished: &TrainEvent, from_seq: u64) -> Status {
+fn ended_before(last_seq: u64, from_seq: u64) -> Status {
     Status::out_of_range(format!(
-        "from_seq {from_seq} is past the end of the run: it finished with events 0..={}",
-        finished.seq
+        "from_seq {from_seq} is past the end of the run: it finished with events 0..={last_seq}"
     ))
 }
 
