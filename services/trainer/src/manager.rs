@@ -301,10 +301,10 @@ impl Manager {
                 tracing::error!(error = %e, "run failed");
                 // The run's events go to clients: libtorch's text (C++ backtraces, paths)
                 // stays in the log.
+                // A full disk or a bad file is the operator's to fix and stays readable.
                 let message = match &e {
                     TrainerError::Torch(_)
-                    | TrainerError::Model(_)
-                    | TrainerError::Io { .. }
+                    | TrainerError::Model(synopsis_model::ModelError::Torch(_))
                     | TrainerError::Internal(_) => synopsis_common::internal_message(&e),
                     _ => synopsis_common::bounded_message(&e.to_string()),
                 };

@@ -48,7 +48,10 @@ impl TrainerService {
 }
 
 fn blocking_panic(e: tokio::task::JoinError) -> Status {
-    Status::internal(format!("worker failed: {e}"))
+    // A panic's text may be libtorch's (C++ backtrace): the log has it, the client an id.
+    Status::internal(synopsis_common::internal_message(&format!(
+        "worker failed: {e}"
+    )))
 }
 
 #[tonic::async_trait]
