@@ -6,6 +6,7 @@ pub mod conditioning;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod load_checks;
 pub mod metrics;
 pub mod service;
 pub mod sources;

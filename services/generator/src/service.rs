@@ -2,7 +2,6 @@
 //! template, hands requests to the engine and streams its events back; reports and changes
 //! the served checkpoint.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,6 +15,7 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::conditioning;
 use crate::engine::{Admitted, EngineRequest, SeqEvent, SubmitError};
 use crate::error::ServiceError;
+use crate::load_checks::{check_checkpoint_id, lexical_absolute};
 use crate::metrics::Outcome;
 use crate::state::{State, StreamGuard};
 use crate::swap::{self, SwapError};
@@ -450,65 +450,6 @@ impl GeneratorService {
         swap::install_dir(&self.state, &dir, &source, true)
             .await
             .map_err(swap_error)
-    }
-}
-
-/// `path` made absolute (against the working directory) without touching the file system;
-/// `None` if it climbs with `..` (never inside a root) or holds a NUL.
-fn lexical_absolute(path: &str) -> Option<PathBuf> {
-    use std::path::Component;
-    if path.contains('\0') {
-        return None;
-    }
-    let path = PathBuf::from(path);
-    let base = if path.is_absolute() {
-        PathBuf::new()
-    } else {
-        std::env::current_dir().ok()?
-    };
-    let mut out = base;
-    for component in path.components() {
-        match component {
-            Component::ParentDir => return None,
-            Component::CurDir => {}
-            other => out.push(other.as_os_str()),
-        }
-    }
-    Some(out)
-}
-
-/// Longest checkpoint id accepted: two parts of at most 128 characters and their separator.
-const MAX_CHECKPOINT_ID_CHARS: usize = 257;
-
-/// Checks a checkpoint id locally, so a path or a typo never reaches the trainer (and never
-/// fills the refused list): `<run_id>/<name>` or `<dir>@<12 hex>`, each part of
-/// `[A-Za-z0-9._-]` not starting with '.'.
-fn check_checkpoint_id(id: &str) -> Result<(), FieldError> {
-    let part_ok = |p: &str| {
-        // The trainer's own rule for each part (ids.rs): a part it would refuse is a typo.
-        !p.is_empty()
-            && p.len() <= 128
-            && !p.starts_with('.')
-            && p.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    };
-    let ok = id.len() <= MAX_CHECKPOINT_ID_CHARS
-        && match (id.split_once('/'), id.split_once('@')) {
-            (Some((run, name)), None) => part_ok(run) && part_ok(name),
-            (None, Some((dir, digest))) => part_ok(dir) && part_ok(digest),
-            _ => false,
-        };
-    if ok {
-        Ok(())
-    } else {
-        Err(FieldError::new(
-            "checkpoint_id",
-            format!(
-                "{} is not a checkpoint id (expected <run_id>/<name> as ListCheckpoints or \
-                 ModelInfo show it; to load a directory use `path`)",
-                synopsis_common::quote(id)
-            ),
-        ))
     }
 }
 

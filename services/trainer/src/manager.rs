@@ -215,7 +215,7 @@ impl Manager {
     /// its events follow on the run's broadcast and log.
     pub async fn start(self: &Arc<Self>, req: TrainRequest) -> Result<Arc<Run>> {
         // Validation first: an invalid request is INVALID_ARGUMENT even while a run goes on.
-        train::plan::precheck(&req, &self.env)?;
+        train::precheck::precheck(&req, &self.env)?;
         let guard = self.reserve()?;
         let this = self.clone();
         let prepared = tokio::task::spawn_blocking(move || {

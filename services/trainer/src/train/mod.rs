@@ -6,6 +6,7 @@ pub mod hyper;
 pub mod memory;
 pub mod optimizer;
 pub mod plan;
+pub mod precheck;
 pub mod schedule;
 mod snapshot;
 mod sources;
