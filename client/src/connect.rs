@@ -187,6 +187,7 @@ impl Servers {
     }
 
     async fn channel(&self, service: Service, url: &str) -> Result<Channel, CliError> {
+        check_url(service, url)?;
         let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| CliError::Usage(format!("invalid {service} URL `{url}`: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT);
@@ -220,6 +221,36 @@ impl Servers {
             ),
         }
     }
+}
+
+/// A malformed address is a usage error (exit 2) saying what to fix, not an unreachable
+/// server (exit 4): `127.0.0.1:50051` lacks its scheme, `notaurl` is no address at all.
+pub fn check_url(service: Service, url: &str) -> Result<(), CliError> {
+    let flag = format!("--{service}");
+    let shown = crate::output::safe_cell(url);
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(CliError::Usage(format!(
+            "{flag} `{shown}` is not a URL: add the scheme, e.g. `http://{shown}` \
+             (`https://` with --tls-ca)"
+        )));
+    };
+    if scheme != "http" && scheme != "https" {
+        return Err(CliError::Usage(format!(
+            "{flag} `{shown}` has the scheme `{}`: use http:// or https://",
+            crate::output::safe_cell(scheme)
+        )));
+    }
+    let valid = url
+        .parse::<tonic::transport::Uri>()
+        .ok()
+        .and_then(|uri| uri.host().map(|h| !h.is_empty()))
+        .unwrap_or(false);
+    if !valid || rest.is_empty() {
+        return Err(CliError::Usage(format!(
+            "{flag} `{shown}` is not a valid address: expected http://HOST:PORT"
+        )));
+    }
+    Ok(())
 }
 
 fn read_token(path: &Path) -> anyhow::Result<String> {

@@ -139,7 +139,7 @@ async fn follow(
                 if let Some(text) = result.samples.get_mut(i) {
                     text.push_str(&t.text);
                     if !json && i == current {
-                        out.write_all(t.text.as_bytes())?;
+                        out.write_all(output::safe_text(&t.text).as_bytes())?;
                         out.flush()?;
                     }
                 }
@@ -175,7 +175,7 @@ async fn follow(
                     current += 1;
                     if current < n {
                         sample_header(&mut out, current, n, prompt)?;
-                        out.write_all(result.samples[current].as_bytes())?;
+                        out.write_all(output::safe_text(&result.samples[current]).as_bytes())?;
                         out.flush()?;
                     }
                 }

@@ -44,7 +44,8 @@ where
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Error text quotes servers (status messages): printed escaped.
+            eprintln!("error: {}", output::safe(&format!("{e:#}")));
             ExitCode::from(exit_code(&e))
         }
     }

@@ -41,14 +41,21 @@ pub async fn info(servers: &Servers, json: bool) -> anyhow::Result<()> {
         &info.live_checkpoint_id
     };
     println!("state:      {}", serving_state_name(info.state));
-    println!("live:       {live}");
-    println!("device:     {} ({})", info.device, info.dtype);
+    println!("live:       {}", output::safe(live));
+    println!(
+        "device:     {} ({})",
+        output::safe(&info.device),
+        output::safe(&info.dtype)
+    );
     println!(
         "context:    {} tokens, vocabulary {}",
         info.n_positions, info.vocab_size
     );
     if !info.condition_columns.is_empty() {
-        println!("conditions: {}", info.condition_columns.join(", "));
+        println!(
+            "conditions: {}",
+            output::safe(&info.condition_columns.join(", "))
+        );
     }
     if !info.resident.is_empty() {
         println!("resident:");
@@ -57,12 +64,12 @@ pub async fn info(servers: &Servers, json: bool) -> anyhow::Result<()> {
             match &r.info {
                 Some(c) => println!(
                     "  {mark} {}  step {}  validation loss {}  from {}",
-                    c.checkpoint_id,
+                    output::safe_cell(&c.checkpoint_id),
                     c.step,
                     format_loss(c.val_loss),
-                    r.source
+                    output::safe_cell(&r.source)
                 ),
-                None => println!("  {mark} ? from {}", r.source),
+                None => println!("  {mark} ? from {}", output::safe_cell(&r.source)),
             }
         }
     }
@@ -71,8 +78,8 @@ pub async fn info(servers: &Servers, json: bool) -> anyhow::Result<()> {
         for r in &info.refused {
             println!(
                 "    {}  {}  ({})",
-                r.checkpoint_id,
-                r.reason,
+                output::safe_cell(&r.checkpoint_id),
+                output::safe(&r.reason),
                 format_time(r.time)
             );
         }
@@ -102,8 +109,12 @@ pub async fn load(servers: &Servers, args: &LoadArgs, json: bool) -> anyhow::Res
         }))?,
         (false, Some(c)) => println!(
             "live: {} (run {}, step {}, validation loss {})",
-            c.checkpoint_id,
-            if c.run_id.is_empty() { "-" } else { &c.run_id },
+            output::safe(&c.checkpoint_id),
+            if c.run_id.is_empty() {
+                "-".to_string()
+            } else {
+                output::safe(&c.run_id)
+            },
             c.step,
             format_loss(c.val_loss)
         ),

@@ -8,6 +8,55 @@ use synopsis_proto::v1::{
     train_event, CheckpointInfo, DatasetStats, FinishReason, RunState, ServingState, TrainEvent,
 };
 
+/// Longest server-supplied text shown in one table cell or line, in characters.
+pub const MAX_CELL_CHARS: usize = 80;
+
+fn escape_into(out: &mut String, c: char) {
+    // Control characters and bidirectional overrides could rewrite the terminal or hide text.
+    if c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    {
+        out.extend(c.escape_default());
+    } else {
+        out.push(c);
+    }
+}
+
+/// Server-supplied text as the CLI prints it on one line: every control character escaped
+/// (no escape sequence reaches the terminal, no newline breaks a table).
+pub fn safe(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        escape_into(&mut out, c);
+    }
+    out
+}
+
+/// [`safe`], cut to [`MAX_CELL_CHARS`] with an ellipsis: for table cells and names.
+pub fn safe_cell(text: &str) -> String {
+    let escaped = safe(text);
+    if escaped.chars().count() <= MAX_CELL_CHARS {
+        return escaped;
+    }
+    let mut cut: String = escaped.chars().take(MAX_CELL_CHARS - 1).collect();
+    cut.push('…');
+    cut
+}
+
+/// Server-supplied prose (generated text, samples): newlines and tabs kept, every other
+/// control character escaped.
+pub fn safe_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c == '\n' || c == '\t' {
+            out.push(c);
+        } else {
+            escape_into(&mut out, c);
+        }
+    }
+    out
+}
+
 /// Writes one JSON object as one line on stdout and flushes, so a reader sees it at once.
 pub fn emit(value: &Value) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
@@ -181,6 +230,15 @@ pub fn train_event_json(e: &TrainEvent) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_text_cannot_drive_the_terminal() {
+        assert_eq!(safe("a\u{1b}[2J\nb"), "a\\u{1b}[2J\\nb");
+        assert_eq!(safe_text("line\nnext\u{7}"), "line\nnext\\u{7}");
+        let long = safe_cell(&"x".repeat(1000));
+        assert_eq!(long.chars().count(), MAX_CELL_CHARS);
+        assert!(safe("\u{202e}evil").starts_with("\\u{202e}"));
+    }
 
     #[test]
     fn formats_times_and_sizes() {

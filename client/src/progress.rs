@@ -221,6 +221,8 @@ impl RunView {
 
     /// Prints a line above the bar without tearing it.
     fn say(&self, line: &str) {
+        // Lines carry server text (samples, messages): nothing in it may drive the terminal.
+        let line = crate::output::safe_text(line);
         match &self.bar {
             Some(bar) => bar.suspend(|| println!("{line}")),
             None => println!("{line}"),

@@ -73,7 +73,7 @@ pub async fn list_runs(servers: &Servers, json: bool) -> anyhow::Result<()> {
         !r.message.is_empty() && r.message != run_state_name(r.state)
     };
     for r in runs.iter().filter(news) {
-        println!("{}: {}", r.run_id, r.message);
+        println!("{}: {}", output::safe(&r.run_id), output::safe(&r.message));
     }
     Ok(())
 }
@@ -193,7 +193,7 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
+            *w = (*w).max(output::safe_cell(cell).chars().count());
         }
     }
     let line = |cells: Vec<&str>| {
@@ -207,6 +207,7 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     };
     line(header.to_vec());
     for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        let cells: Vec<String> = row.iter().map(|c| output::safe_cell(c)).collect();
+        line(cells.iter().map(String::as_str).collect());
     }
 }

@@ -246,8 +246,8 @@ async fn upload(
             "uploaded {filename}: {} rows, {}, columns {} (text column `{}`), dataset {}",
             info.rows,
             output::format_bytes(info.bytes),
-            info.columns.join(", "),
-            info.detected_text_column,
+            output::safe_cell(&info.columns.join(", ")),
+            output::safe_cell(&info.detected_text_column),
             info.dataset_id
         );
     }

@@ -132,16 +132,27 @@ impl Trainer for FakeTrainer {
         _: Request<ListRunsRequest>,
     ) -> Result<Response<ListRunsResponse>, Status> {
         Ok(Response::new(ListRunsResponse {
-            runs: vec![RunSummary {
-                run_id: "run-7".into(),
-                run_name: "anime".into(),
-                state: RunState::Completed as i32,
-                step: 8,
-                total_steps: 8,
-                last_val_loss: 4.0,
-                last_checkpoint_id: "run-7/step-000008".into(),
-                ..Default::default()
-            }],
+            runs: vec![
+                RunSummary {
+                    run_id: "run-7".into(),
+                    run_name: "anime".into(),
+                    state: RunState::Completed as i32,
+                    step: 8,
+                    total_steps: 8,
+                    last_val_loss: 4.0,
+                    last_checkpoint_id: "run-7/step-000008".into(),
+                    ..Default::default()
+                },
+                RunSummary {
+                    // What a hostile or careless server could send: escape sequences, a
+                    // newline, a very long name.
+                    run_id: "run-8".into(),
+                    run_name: format!("\u{1b}[2J\u{1b}[31mred\nsecond line{}", "x".repeat(1000)),
+                    state: RunState::Failed as i32,
+                    message: "\u{1b}]0;title\u{7}failed\r\nagain".into(),
+                    ..Default::default()
+                },
+            ],
         }))
     }
 
@@ -389,6 +400,15 @@ async fn runs_checkpoints_and_stop() {
     let text = stdout(&out);
     assert!(text.starts_with("RUN"), "{text}");
     assert!(text.contains("run-7") && text.contains("completed") && text.contains("8/8"));
+    // Server text is printed escaped: no escape sequence reaches the terminal, no newline or
+    // long name breaks the table (header, two rows, one message line).
+    assert!(
+        !text.chars().any(|c| c.is_control() && c != '\n'),
+        "{text:?}"
+    );
+    assert_eq!(text.lines().count(), 4, "{text}");
+    assert!(text.contains("\\u{1b}[31mred\\nsecond line"), "{text}");
+    assert!(text.lines().all(|l| l.chars().count() < 300), "{text}");
 
     let out = run(&["--trainer", &url, "--json", "checkpoints", "run-7"]).await;
     let ids: Vec<String> = json_lines(&out)

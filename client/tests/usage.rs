@@ -113,6 +113,33 @@ async fn completions_are_generated() {
     assert!(script.contains("synopsis") && script.contains("generate"));
 }
 
+/// A malformed address is the user's to fix (exit 2, saying how), not an unreachable server.
+#[tokio::test]
+async fn malformed_addresses_exit_2_and_say_what_to_fix() {
+    for (flag, url, says) in [
+        (
+            "--trainer",
+            "127.0.0.1:50051",
+            "add the scheme, e.g. `http://127.0.0.1:50051`",
+        ),
+        ("--trainer", "notaurl", "add the scheme"),
+        ("--trainer", "ftp://127.0.0.1:1", "use http:// or https://"),
+        ("--trainer", "http://", "not a valid address"),
+        (
+            "--generator",
+            "localhost:50052",
+            "--generator `localhost:50052` is not a URL",
+        ),
+    ] {
+        let command = if flag == "--trainer" { "runs" } else { "model" };
+        let out = run(&[flag, url, command]).await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{url}: {err}");
+        assert!(err.contains(says), "{url}: {err}");
+        assert!(!err.contains("cannot reach"), "{url}: {err}");
+    }
+}
+
 #[tokio::test]
 async fn unreachable_trainer_exits_4_and_says_how_to_start_it() {
     let port = closed_port();

@@ -1,6 +1,8 @@
 //! The `synopsis.v1` gRPC API: generated messages, clients and servers, and the descriptor set
 //! that the servers publish through gRPC reflection.
 
+pub mod codec;
+
 /// Messages and services of package `synopsis.v1`.
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]

@@ -493,17 +493,33 @@ async fn every_rpc_answers_malformed_requests_with_its_documented_status() {
             Code::InvalidArgument,
             "path",
         ),
+        // Outside the load roots, missing or not: the same PERMISSION_DENIED (a NOT_FOUND
+        // would tell a caller which paths exist on the host).
         (
-            "missing path",
+            "missing path outside the load roots",
             load(Some(Source::Path("/no/such/dir".into()))),
-            Code::NotFound,
+            Code::PermissionDenied,
             "/no/such/dir",
+        ),
+        (
+            "missing path inside the load roots",
+            load(Some(Source::Path(
+                dir.path().join("no-such-dir").display().to_string(),
+            ))),
+            Code::NotFound,
+            "no-such-dir",
         ),
         (
             "path with NUL",
             load(Some(Source::Path("/tmp\0/x".into()))),
-            Code::NotFound,
+            Code::PermissionDenied,
             "",
+        ),
+        (
+            "path-like checkpoint id",
+            load(Some(Source::CheckpointId("../../etc/passwd".into()))),
+            Code::InvalidArgument,
+            "checkpoint_id",
         ),
         (
             "path outside the load roots",
@@ -556,13 +572,15 @@ fn broken_field(r: &pb::GenerateRequest) -> Option<&'static str> {
         Some("prompt")
     } else if r.max_new_tokens > 512 {
         Some("max_new_tokens")
-    } else if r.n > 8 {
+    } else if r.n > 8 || (r.sampling.is_none() && r.n > 1) {
         Some("n")
     } else if !s.temperature.is_finite() || s.temperature < 0.0 {
         Some("sampling.temperature")
     } else if !s.top_p.is_finite() || !(0.0..=1.0).contains(&s.top_p) {
         Some("sampling.top_p")
-    } else if !s.repetition_penalty.is_finite() || s.repetition_penalty < 0.0 {
+    } else if !s.repetition_penalty.is_finite()
+        || (s.repetition_penalty != 0.0 && s.repetition_penalty < 1.0)
+    {
         Some("sampling.repetition_penalty")
     } else if r.stop.len() > 8 {
         Some("stop")

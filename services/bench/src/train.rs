@@ -220,6 +220,7 @@ impl OurTrainer {
             data_root: args.data_root.clone(),
             models_root: Some(tokenizers),
             device: Device::Cpu,
+            max_run_memory: None,
         };
         // Two measurements (before and after the references), each with its warm-up.
         let total = 2 * (args.steps + args.warmup);

@@ -4,12 +4,19 @@
 
 mod auth;
 mod grpc;
+mod memory;
 mod metrics;
 mod security;
 mod telemetry;
+mod text;
 
 pub use auth::{auth_layer, AuthLayer, AuthService, BearerInterceptor, HEALTH_PATH_PREFIX};
-pub use grpc::{health_service, reflection_service, reflection_service_v1alpha};
+pub use grpc::{health_service, reflection_service, reflection_service_v1alpha, STANDARD_SERVICES};
+pub use memory::{available_host_memory, human_bytes};
 pub use metrics::{rss_bytes, rss_bytes_of, serve_metrics, spawn_metrics};
 pub use security::{ClientSecurityArgs, SecurityArgs};
 pub use telemetry::{init_tracing, shutdown_signal};
+pub use text::{
+    bounded_message, bounded_status, escape_control, internal_message, quote, MAX_STATUS_CHARS,
+    QUOTE_CHARS,
+};

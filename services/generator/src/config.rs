@@ -80,6 +80,13 @@ pub struct Config {
     #[arg(long, env = "SYNOPSIS_MAX_BATCH")]
     pub max_batch: Option<usize>,
 
+    /// Memory the attention cache of a full batch may take, in bytes: a model whose cache at
+    /// --max-batch sequences of its whole context does not fit is refused (at start: the
+    /// generator exits). Unset: on the CPU, the memory the host and the cgroup have
+    /// available once the model is loaded; on a GPU, no check.
+    #[arg(long, env = "SYNOPSIS_MAX_CACHE_MEMORY")]
+    pub max_cache_memory: Option<u64>,
+
     /// Requests that may wait for a place in the batch; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "SYNOPSIS_QUEUE", default_value_t = 256)]
     pub queue: usize,

@@ -32,7 +32,10 @@ pub enum ServiceError {
 
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Status {
-        let message = e.to_string();
+        if let ServiceError::Internal(_) = &e {
+            return Status::internal(synopsis_common::internal_message(&e));
+        }
+        let message = synopsis_common::bounded_message(&e.to_string());
         match e {
             ServiceError::InvalidArgument(_) => Status::invalid_argument(message),
             ServiceError::NotFound(_) => Status::not_found(message),

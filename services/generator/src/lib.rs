@@ -6,6 +6,7 @@ pub mod conditioning;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod load_checks;
 pub mod metrics;
 pub mod service;
 pub mod sources;
@@ -87,19 +88,26 @@ pub async fn serve(
         cache_dir,
         load_roots,
         trainer: trainer.clone(),
+        cache_budget: swap::CacheBudget {
+            max_batch: config.max_batch.max(1),
+            max_memory: config.max_cache_memory,
+        },
         health,
     }));
     state.refresh_health().await;
 
     let mut sources = Vec::new();
     if let Some(dir) = config.model.clone() {
-        let state = Arc::clone(&state);
-        sources.push(tokio::spawn(async move {
-            let source = format!("model:{}", dir.display());
-            if let Err(e) = swap::install_dir(&state, &dir, &source, true).await {
-                error!(dir = %dir.display(), error = %e, "cannot serve --model");
-            }
-        }));
+        // Loaded before the server listens: a --model that cannot be served ends the process
+        // with the reason (a generator left running with no model only answers UNAVAILABLE).
+        let source = format!("model:{}", dir.display());
+        if let Err(e) = swap::install_dir(&state, &dir, &source, true).await {
+            error!(dir = %dir.display(), error = %e, "cannot serve --model");
+            return Err(anyhow::anyhow!(
+                "cannot serve --model {}: {e}",
+                dir.display()
+            ));
+        }
     }
     if let Some(root) = config.watch_dir.clone() {
         let interval = Duration::from_millis(config.watch_interval_ms.max(10));
@@ -134,8 +142,12 @@ pub async fn serve(
     let router = builder
         .layer(synopsis_common::auth_layer(token))
         .add_service(health_service)
-        .add_service(synopsis_common::reflection_service()?)
-        .add_service(synopsis_common::reflection_service_v1alpha()?)
+        .add_service(synopsis_common::reflection_service(
+            "synopsis.v1.Generator",
+        )?)
+        .add_service(synopsis_common::reflection_service_v1alpha(
+            "synopsis.v1.Generator",
+        )?)
         .add_service(GeneratorServer::new(GeneratorService::new(Arc::clone(
             &state,
         ))));

@@ -2,7 +2,6 @@
 //! template, hands requests to the engine and streams its events back; reports and changes
 //! the served checkpoint.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,6 +15,7 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::conditioning;
 use crate::engine::{Admitted, EngineRequest, SeqEvent, SubmitError};
 use crate::error::ServiceError;
+use crate::load_checks::{check_checkpoint_id, lexical_absolute};
 use crate::metrics::Outcome;
 use crate::state::{State, StreamGuard};
 use crate::swap::{self, SwapError};
@@ -400,9 +400,7 @@ impl Generator for GeneratorService {
 
 impl GeneratorService {
     async fn load_by_id(&self, id: &str) -> Result<pb::CheckpointInfo, ServiceError> {
-        if id.is_empty() {
-            return Err(FieldError::new("checkpoint_id", "must not be empty").into());
-        }
+        check_checkpoint_id(id)?;
         if self.state.resident(id).is_some() {
             return swap::make_live(&self.state, id)
                 .await
@@ -422,25 +420,31 @@ impl GeneratorService {
         if path.trim().is_empty() {
             return Err(FieldError::new("path", "must not be empty").into());
         }
-        // Resolved first (`..`, symlinks), then held to the load roots.
-        let dir = match std::fs::canonicalize(PathBuf::from(path)) {
+        let shown = synopsis_common::quote(path);
+        let outside = || {
+            ServiceError::PermissionDenied(format!(
+                "path {shown} is outside the directories this generator loads from \
+                 (--load-root, --watch-dir, --cache-dir)"
+            ))
+        };
+        // Held to the load roots as written first, so a path outside them is refused the same
+        // way whether or not it exists (NOT_FOUND there would tell a caller what exists on
+        // the host); then resolved (symlinks) and held to them again.
+        let lexical = lexical_absolute(path).ok_or_else(outside)?;
+        let roots = &self.state.load_roots;
+        if !roots.iter().any(|root| lexical.starts_with(root)) {
+            return Err(outside());
+        }
+        let dir = match std::fs::canonicalize(&lexical) {
             Ok(dir) if dir.is_dir() => dir,
             _ => {
                 return Err(ServiceError::NotFound(format!(
-                    "path {path} is not a directory on the generator"
+                    "path {shown} is not a directory on the generator"
                 )))
             }
         };
-        if !self
-            .state
-            .load_roots
-            .iter()
-            .any(|root| dir.starts_with(root))
-        {
-            return Err(ServiceError::PermissionDenied(format!(
-                "path {path} is outside the directories this generator loads from \
-                 (--load-root, --watch-dir, --cache-dir)"
-            )));
+        if !roots.iter().any(|root| dir.starts_with(root)) {
+            return Err(outside());
         }
         let source = format!("load:{}", dir.display());
         swap::install_dir(&self.state, &dir, &source, true)

@@ -37,6 +37,8 @@ pub struct State {
     pub load_roots: Vec<PathBuf>,
     /// The followed trainer, for LoadCheckpoint of an id that is not resident.
     pub trainer: Option<Arc<TrainerLink>>,
+    /// What a model's attention cache is sized against (`--max-batch` and the memory for it).
+    pub cache_budget: crate::swap::CacheBudget,
     health: HealthReporter,
     health_lock: tokio::sync::Mutex<()>,
     draining: AtomicBool,
@@ -59,6 +61,7 @@ pub struct StateParts {
     pub cache_dir: PathBuf,
     pub load_roots: Vec<PathBuf>,
     pub trainer: Option<Arc<TrainerLink>>,
+    pub cache_budget: crate::swap::CacheBudget,
     pub health: HealthReporter,
 }
 
@@ -73,6 +76,7 @@ impl State {
             cache_dir: p.cache_dir,
             load_roots: p.load_roots,
             trainer: p.trainer,
+            cache_budget: p.cache_budget,
             health: p.health,
             health_lock: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),

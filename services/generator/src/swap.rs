@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use synopsis_model::checkpoint::{self, LoadedModel, Manifest, MANIFEST};
-use synopsis_model::ModelError;
+use synopsis_model::{ModelError, WeightDtype};
 use synopsis_proto::v1 as pb;
 use tracing::{info, warn};
 
@@ -36,6 +36,17 @@ pub enum SwapError {
 }
 
 impl SwapError {
+    /// The `reason` label of the refused-loads counter.
+    pub fn reason_label(&self) -> &'static str {
+        match self {
+            SwapError::Load(_) => "load",
+            SwapError::Template(_) => "template",
+            SwapError::Install(_) => "smoke_test",
+            SwapError::Download(_) => "download",
+            SwapError::Unreachable(_) | SwapError::NotFound(_) | SwapError::Task(_) => "other",
+        }
+    }
+
     /// True when the checkpoint may still be in the middle of being copied (a file missing or
     /// short), so a watcher should look again instead of refusing it for good.
     pub fn is_incomplete(&self) -> bool {
@@ -43,6 +54,53 @@ impl SwapError {
             self,
             SwapError::Load(ModelError::MissingFile { .. } | ModelError::SizeMismatch { .. })
         )
+    }
+}
+
+/// What a model's attention cache must fit in: `max_batch` sequences of its full context.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheBudget {
+    pub max_batch: usize,
+    /// `--max-cache-memory`; `None`: the host's available memory on the CPU, no check on a GPU.
+    pub max_memory: Option<u64>,
+}
+
+impl CacheBudget {
+    /// Bytes of keys and values for `max_batch` sequences of `n_positions` tokens.
+    pub fn cache_bytes(&self, config: &synopsis_model::Gpt2Config, dtype: WeightDtype) -> u128 {
+        let element: u128 = match dtype {
+            WeightDtype::F32 => 4,
+            WeightDtype::Bf16 | WeightDtype::F16 => 2,
+        };
+        let per_token = 2 * config.n_layer.max(0) as u128 * config.n_embd.max(0) as u128;
+        self.max_batch as u128 * config.n_positions.max(0) as u128 * per_token * element
+    }
+
+    /// Refuses a model whose full cache would not fit, naming both sizes.
+    pub fn check(
+        &self,
+        config: &synopsis_model::Gpt2Config,
+        device: tch::Device,
+        dtype: WeightDtype,
+    ) -> Result<(), SwapError> {
+        let limit = self.max_memory.or_else(|| match device {
+            tch::Device::Cpu => synopsis_common::available_host_memory(),
+            _ => None,
+        });
+        let Some(limit) = limit else { return Ok(()) };
+        let need = self.cache_bytes(config, dtype);
+        if need > u128::from(limit) {
+            let need = u64::try_from(need).unwrap_or(u64::MAX);
+            return Err(SwapError::Load(ModelError::Invalid(format!(
+                "its attention cache for --max-batch {} sequences of {} tokens needs about {}, \
+                 more than the {} available; lower --max-batch or give the generator more memory",
+                self.max_batch,
+                config.n_positions,
+                synopsis_common::human_bytes(need),
+                synopsis_common::human_bytes(limit)
+            ))));
+        }
+        Ok(())
     }
 }
 
@@ -59,6 +117,7 @@ pub async fn install_dir(
     match &result {
         Ok(info) => {
             state.metrics.swaps.inc();
+            state.metrics.set_live(&info.checkpoint_id);
             info!(checkpoint_id = %info.checkpoint_id, source, "checkpoint is live");
         }
         Err(e) if e.is_incomplete() && !record_incomplete => {
@@ -66,6 +125,7 @@ pub async fn install_dir(
         }
         Err(e) => {
             state.metrics.swap_failures.inc();
+            state.metrics.refused_load(e.reason_label());
             let id = peek_manifest(dir)
                 .map(|m| m.checkpoint_id)
                 .unwrap_or_else(|| dir.display().to_string());
@@ -99,6 +159,7 @@ async fn install_locked(
 
     let owned_dir = dir.to_path_buf();
     let (device, dtype) = (state.device, state.dtype);
+    let budget = state.cache_budget;
     let (loaded, info, template) = tokio::task::spawn_blocking(move || {
         // Loading must not start a second OpenMP team beside the engine's: that makes every
         // decoding step pay thread wake-ups (see `torch_threads`).
@@ -106,6 +167,7 @@ async fn install_locked(
         // Files serving does not need (the optimizer state, never downloaded) may be absent;
         // every file present is verified against the manifest.
         let loaded = checkpoint::load_model_dir(&owned_dir, device, dtype)?;
+        budget.check(loaded.model.config(), device, dtype)?;
         let template =
             Conditioning::from_metadata(&loaded.metadata).map_err(SwapError::Template)?;
         let info = checkpoint_info(&owned_dir, &loaded, template.as_ref())?;
@@ -141,6 +203,7 @@ pub async fn make_live(
     let result = state.engine.set_live(checkpoint_id).await;
     state.refresh_health().await;
     result?;
+    state.metrics.set_live(checkpoint_id);
     info!(checkpoint_id, "resident checkpoint made live");
     state
         .resident(checkpoint_id)
@@ -151,6 +214,7 @@ pub async fn make_live(
 /// Refuses a checkpoint that never reached the loader (download failed).
 pub fn refuse(state: &State, checkpoint_id: &str, reason: &str) {
     state.metrics.swap_failures.inc();
+    state.metrics.refused_load("download");
     state.refuse(checkpoint_id, reason);
     warn!(
         checkpoint_id,
@@ -170,7 +234,7 @@ fn checkpoint_info(
     loaded: &LoadedModel,
     template: Option<&Conditioning>,
 ) -> Result<pb::CheckpointInfo, SwapError> {
-    let size_bytes = loaded.files.values().map(|f| f.size).sum();
+    let size_bytes: u64 = loaded.files.values().map(|f| f.size).sum();
     let parameters = loaded.model.config().num_parameters().max(0) as u64;
     let condition_columns = template.map(|t| t.columns.clone()).unwrap_or_default();
     let info = match &loaded.manifest {
@@ -181,7 +245,12 @@ fn checkpoint_info(
             step: m.step,
             val_loss: m.val_loss.unwrap_or(f64::NAN),
             sha256: checkpoint::sha256_file(&dir.join(MANIFEST))?,
-            size_bytes,
+            // As the trainer counts it: every file the manifest lists (the optimizer state
+            // too, even when it was not downloaded) plus manifest.json itself.
+            size_bytes: m.total_bytes()
+                + std::fs::metadata(dir.join(MANIFEST))
+                    .map(|md| md.len())
+                    .unwrap_or(0),
             created: m.created,
             reason: m.reason.clone(),
             condition_columns,

@@ -119,6 +119,17 @@ pub fn validate(
         n => n,
     };
 
+    // Without `sampling` decoding is greedy: n > 1 would stream n identical sequences, so it
+    // is refused instead of silently duplicated (the proto documents this).
+    if req.sampling.is_none() && n > 1 {
+        return Err(FieldError::new(
+            "n",
+            format!(
+                "is {n} but sampling is not set: greedy decoding would give {n} identical \
+                 sequences; set sampling (e.g. temperature 0.8) or n = 1"
+            ),
+        ));
+    }
     let raw = req.sampling.unwrap_or_default();
     let (sampling, seed) = validate_sampling(&raw)?;
     let seed = seed.unwrap_or_else(random_seed);
@@ -197,10 +208,11 @@ fn validate_sampling(
         ));
     }
     let r = raw.repetition_penalty;
-    if !r.is_finite() || r < 0.0 {
+    // Below 1 would reward repetition: the proto allows 0 (off) or at least 1.
+    if !r.is_finite() || (r != 0.0 && r < 1.0) {
         return Err(FieldError::new(
             "sampling.repetition_penalty",
-            format!("must be finite and >= 0 (0 = off), got {r}"),
+            format!("must be 0 (off) or finite and >= 1, got {r}"),
         ));
     }
     let params = SamplingParams {
@@ -375,6 +387,10 @@ mod tests {
             max_new_tokens: 512,
             n: 8,
             stop: vec!["z".repeat(64); 8],
+            sampling: Some(pb::SamplingParams {
+                temperature: 0.8,
+                ..Default::default()
+            }),
             ..Default::default()
         });
         assert_eq!((v.max_new_tokens, v.n, v.stop.len()), (512, 8, 8));

@@ -62,6 +62,17 @@ async fn every_invalid_field_is_named_and_the_server_stays_healthy() {
         ),
         (with(|r| r.max_new_tokens = 513), "max_new_tokens"),
         (with(|r| r.n = 9), "n"),
+        (
+            with_sampling(|s| s.repetition_penalty = 0.5),
+            "sampling.repetition_penalty",
+        ),
+        (
+            with(|r| {
+                r.sampling = None;
+                r.n = 2
+            }),
+            "n",
+        ),
         (with(|r| r.stop = vec!["x".into(); 9]), "stop"),
         (with(|r| r.stop = vec![String::new()]), "stop[0]"),
         (

@@ -320,7 +320,7 @@ pub struct LoadedModel {
 
 /// Loads a checkpoint (its files verified against its manifest first; see
 /// [`verify_for_serving`]) or a plain Hugging Face GPT-2 directory (`config.json`,
-/// `tokenizer.json`, `model.safetensors`; hashes computed).
+/// `tokenizer.json` or `vocab.json` + `merges.txt`, `model.safetensors`; hashes computed).
 pub fn load_model_dir(dir: &Path, device: Device, dtype: WeightDtype) -> Result<LoadedModel> {
     let manifest = match verify_for_serving(dir) {
         Ok(manifest) => Some(manifest),
@@ -329,8 +329,9 @@ pub fn load_model_dir(dir: &Path, device: Device, dtype: WeightDtype) -> Result<
     };
     let files = match &manifest {
         Some(m) => m.files.clone(),
-        None => [CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE]
+        None => [CONFIG_FILE, WEIGHTS_FILE]
             .into_iter()
+            .chain(crate::tokenizer::tokenizer_files(dir).iter().copied())
             .map(|name| Ok((name.to_owned(), hash_file(&dir.join(name))?)))
             .collect::<Result<_>>()?,
     };

@@ -20,6 +20,23 @@ pub const END_OF_TEXT: &str = "<|endoftext|>";
 /// The file a tokenizer lives in inside a model directory (Hugging Face's name).
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
+/// GPT-2's vocabulary and merges, the tokenizer files `GPT2Tokenizer` (the "slow" one) saves.
+pub const VOCAB_FILE: &str = "vocab.json";
+pub const MERGES_FILE: &str = "merges.txt";
+
+/// The tokenizer files of a model directory: `tokenizer.json` when present, else
+/// `vocab.json` + `merges.txt` when both are, else `tokenizer.json` (reported missing).
+pub fn tokenizer_files(dir: &Path) -> &'static [&'static str] {
+    if !dir.join(TOKENIZER_FILE).is_file()
+        && dir.join(VOCAB_FILE).is_file()
+        && dir.join(MERGES_FILE).is_file()
+    {
+        &[VOCAB_FILE, MERGES_FILE]
+    } else {
+        &[TOKENIZER_FILE]
+    }
+}
+
 /// The smallest vocabulary a byte-level BPE can have: the 256 byte symbols plus end-of-text.
 pub const MIN_BPE_VOCAB: usize = 257;
 
@@ -53,9 +70,43 @@ impl Tokenizer {
         Self::from_inner(inner, Some(path))
     }
 
-    /// Loads `dir/tokenizer.json`.
+    /// Loads `dir/tokenizer.json`, or where there is none GPT-2's `vocab.json` + `merges.txt`
+    /// (what `GPT2Tokenizer.save_pretrained` writes).
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
-        Self::from_file(dir.as_ref().join(TOKENIZER_FILE))
+        let dir = dir.as_ref();
+        match tokenizer_files(dir) {
+            [_, _] => Self::from_vocab_merges(&dir.join(VOCAB_FILE), &dir.join(MERGES_FILE)),
+            _ => Self::from_file(dir.join(TOKENIZER_FILE)),
+        }
+    }
+
+    /// GPT-2's byte-level BPE from its `vocab.json` and `merges.txt`, set up as GPT-2's
+    /// `tokenizer.json` is (no prefix space, ByteLevel pre-tokenizer, post-processor and
+    /// decoder, `<|endoftext|>` special).
+    pub fn from_vocab_merges(vocab: &Path, merges: &Path) -> Result<Self> {
+        for path in [vocab, merges] {
+            if !path.is_file() {
+                return Err(ModelError::MissingFile { path: path.into() });
+            }
+        }
+        let (Some(vocab_str), Some(merges_str)) = (vocab.to_str(), merges.to_str()) else {
+            return Err(ModelError::Tokenizer {
+                path: Some(vocab.into()),
+                message: "the path is not valid UTF-8".into(),
+            });
+        };
+        let bpe = BPE::from_file(vocab_str, merges_str)
+            .build()
+            .map_err(|e| tokenizer_error(Some(vocab), e))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner
+            .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+            .with_post_processor(Some(ByteLevel::new(true, false, true)))
+            .with_decoder(Some(ByteLevel::new(true, true, true)));
+        inner
+            .add_special_tokens([AddedToken::from(END_OF_TEXT, true)])
+            .map_err(|e| tokenizer_error(Some(vocab), e))?;
+        Self::from_inner(inner, Some(vocab))
     }
 
     /// Parses the contents of a `tokenizer.json` (e.g. received over the network).

@@ -122,3 +122,57 @@ fn rust_saved_model_loads_in_transformers_with_same_logits_and_greedy_text() {
         );
     }
 }
+
+/// Writes GPT-2's `vocab.json` and `merges.txt` (what `GPT2Tokenizer.save_pretrained`
+/// writes) from the fixture's `tokenizer.json`, which holds the same data.
+fn write_slow_tokenizer(dir: &std::path::Path) {
+    let text = std::fs::read_to_string(fixture("gpt2_tokenizer/tokenizer.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let model = &json["model"];
+    std::fs::write(
+        dir.join("vocab.json"),
+        serde_json::to_string(&model["vocab"]).unwrap(),
+    )
+    .unwrap();
+    let mut merges = String::from("#version: 0.2\n");
+    for merge in model["merges"].as_array().unwrap() {
+        merges.push_str(merge.as_str().unwrap());
+        merges.push('\n');
+    }
+    std::fs::write(dir.join("merges.txt"), merges).unwrap();
+}
+
+/// A Hugging Face GPT-2 directory with `vocab.json` + `merges.txt` and no `tokenizer.json`
+/// (the original project's fine-tuned output) loads, with GPT-2's exact ids.
+#[test]
+fn a_directory_with_vocab_and_merges_loads_with_gpt2_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("fake_gpt2").join(file), dir.path().join(file)).unwrap();
+    }
+    write_slow_tokenizer(dir.path());
+    let loaded =
+        synopsis_model::checkpoint::load_model_dir(dir.path(), Device::Cpu, WeightDtype::F32)
+            .expect("a vocab.json + merges.txt directory loads");
+    assert!(
+        loaded.files.contains_key("merges.txt"),
+        "{:?}",
+        loaded.files.keys()
+    );
+    let slow = loaded.tokenizer;
+    let fast =
+        synopsis_model::Tokenizer::from_file(fixture("gpt2_tokenizer/tokenizer.json")).unwrap();
+    assert_eq!(slow.encode("Hello world").unwrap(), vec![15496, 995]);
+    assert_eq!(slow.eos_id(), 50256);
+    for text in [
+        "In the year 2199, humanity's last fleet drifts  past Jupiter.\n",
+        "Ça a été très déjà-vu 🦀 東京<|endoftext|>",
+    ] {
+        assert_eq!(
+            slow.encode(text).unwrap(),
+            fast.encode(text).unwrap(),
+            "{text}"
+        );
+    }
+    assert_eq!(slow.vocab_size(), fast.vocab_size());
+}

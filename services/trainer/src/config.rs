@@ -39,6 +39,23 @@ pub struct Config {
     #[arg(long, env = "SYNOPSIS_MAX_UPLOAD_BYTES", default_value_t = 1 << 30)]
     pub max_upload_bytes: u64,
 
+    /// Bytes all uploaded datasets may take together; an upload that would go over is
+    /// refused with RESOURCE_EXHAUSTED. Unset: no quota.
+    #[arg(long, env = "SYNOPSIS_MAX_DATASETS_BYTES")]
+    pub max_datasets_bytes: Option<u64>,
+
+    /// Uploaded datasets that no run refers to are removed this many hours after their last
+    /// upload (checked at start and before each upload); 0 keeps them forever.
+    #[arg(long, env = "SYNOPSIS_DATASET_RETENTION_HOURS", default_value_t = 168)]
+    pub dataset_retention_hours: u64,
+
+    /// Memory a run may use, in bytes: a Train request whose estimate (weights, gradients,
+    /// optimizer state, activations) exceeds it is refused before anything is allocated.
+    /// Unset: on the CPU, the memory the host and the trainer's cgroup still have available;
+    /// on a GPU, no check.
+    #[arg(long, env = "SYNOPSIS_MAX_RUN_MEMORY")]
+    pub max_run_memory: Option<u64>,
+
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "SYNOPSIS_LOG_JSON")]
     pub log_json: bool,

@@ -96,10 +96,13 @@ fn data_code(error: &DataError) -> Code {
         | DataError::InvalidDatasetId(_)
         | DataError::PathRefused { .. }
         | DataError::EmptyUpload
+        | DataError::NotCsv(_)
         | DataError::UnknownConditionKey { .. }
         | DataError::InvalidOption(_) => Code::InvalidArgument,
         DataError::UnknownDataset(_) | DataError::PathNotFound(_) => Code::NotFound,
-        DataError::UploadTooLarge { .. } => Code::ResourceExhausted,
+        DataError::UploadTooLarge { .. } | DataError::QuotaExceeded { .. } => {
+            Code::ResourceExhausted
+        }
     }
 }
 
@@ -121,8 +124,9 @@ impl From<TrainerError> for Status {
             | TrainerError::Internal(_) => Code::Internal,
         };
         if code == Code::Internal {
-            tracing::error!(error = %error, "internal error");
+            // Never the failure itself: libtorch's messages carry C++ backtraces and paths.
+            return Status::new(code, synopsis_common::internal_message(&error));
         }
-        Status::new(code, error.to_string())
+        synopsis_common::bounded_status(code, &error.to_string())
     }
 }

@@ -4,6 +4,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
+use synopsis_common::quote;
 
 use crate::error::{Result, TrainerError};
 
@@ -34,7 +35,8 @@ pub fn validate_component(field: &'static str, value: &str) -> Result<()> {
         Err(TrainerError::invalid(
             field,
             format!(
-                "{value:?} is not a valid id (letters, digits, '.', '_', '-'; not starting with '.')"
+                "{} is not a valid id (letters, digits, '.', '_', '-'; not starting with '.')",
+                quote(value)
             ),
         ))
     }
@@ -50,7 +52,10 @@ pub fn split_checkpoint_id<'a>(field: &'static str, value: &'a str) -> Result<(&
     let Some((run, name)) = value.split_once('/') else {
         return Err(TrainerError::invalid(
             field,
-            format!("{value:?} is not a checkpoint id (expected <run_id>/<name>)"),
+            format!(
+                "{} is not a checkpoint id (expected <run_id>/<name>)",
+                quote(value)
+            ),
         ));
     };
     validate_component(field, run)?;

@@ -62,7 +62,13 @@ pub async fn serve(
                 c.root,
                 c.data_root,
                 c.models_root,
-                c.max_upload_bytes,
+                manager::UploadLimits {
+                    max_upload_bytes: c.max_upload_bytes,
+                    quota: c.max_datasets_bytes,
+                    retention: (c.dataset_retention_hours > 0)
+                        .then(|| std::time::Duration::from_secs(c.dataset_retention_hours * 3600)),
+                },
+                c.max_run_memory,
                 device,
             )
         })
@@ -76,8 +82,8 @@ pub async fn serve(
     }
 
     let (health, health_service) = synopsis_common::health_service().await;
-    let reflection = synopsis_common::reflection_service()?;
-    let reflection_alpha = synopsis_common::reflection_service_v1alpha()?;
+    let reflection = synopsis_common::reflection_service("synopsis.v1.Trainer")?;
+    let reflection_alpha = synopsis_common::reflection_service_v1alpha("synopsis.v1.Trainer")?;
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let trainer = TrainerServer::new(service::TrainerService::new(manager.clone(), drain_rx))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);

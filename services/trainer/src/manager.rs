@@ -49,6 +49,17 @@ pub struct Manager {
     /// `true` while no run holds the device; shutdown waits on it.
     idle: watch::Sender<bool>,
     draining: AtomicBool,
+    /// Age after which an uploaded dataset no run uses is removed; `None` keeps them all.
+    dataset_retention: Option<std::time::Duration>,
+}
+
+/// The limits of the dataset store (`--max-upload-bytes`, `--max-datasets-bytes`,
+/// `--dataset-retention-hours`).
+#[derive(Debug, Clone, Copy)]
+pub struct UploadLimits {
+    pub max_upload_bytes: u64,
+    pub quota: Option<u64>,
+    pub retention: Option<std::time::Duration>,
 }
 
 /// Frees the slot when preparation fails or panics before a run thread takes it over.
@@ -94,7 +105,8 @@ impl Manager {
         root: PathBuf,
         data_root: Option<PathBuf>,
         models_root: Option<PathBuf>,
-        max_upload_bytes: u64,
+        uploads: UploadLimits,
+        max_run_memory: Option<u64>,
         device: Device,
     ) -> Result<Self> {
         let layout = Layout::new(root);
@@ -106,19 +118,21 @@ impl Manager {
                 field: "root",
                 source,
             })?
-            .with_max_bytes(max_upload_bytes);
+            .with_max_bytes(uploads.max_upload_bytes)
+            .with_quota(uploads.quota);
         remove_stale_uploads(&layout.root().join("datasets"));
         let runs = Runs::load(&layout)?;
         let catalog = Arc::new(Catalog::load(&layout)?);
         let metrics = Metrics::new(runs.table())
             .map_err(|e| TrainerError::Internal(format!("metrics: {e}")))?;
         let (idle, _) = watch::channel(true);
-        Ok(Manager {
+        let manager = Manager {
             env: Env {
                 datasets: datasets.clone(),
                 data_root,
                 models_root,
                 device,
+                max_run_memory,
             },
             layout,
             runs,
@@ -128,7 +142,31 @@ impl Manager {
             slot: Mutex::new(Slot::Idle),
             idle,
             draining: AtomicBool::new(false),
-        })
+            dataset_retention: uploads.retention,
+        };
+        manager.remove_unused_datasets();
+        Ok(manager)
+    }
+
+    /// Removes the uploaded datasets no run refers to once they are older than
+    /// `--dataset-retention-hours` (by their last upload). Blocking (a directory listing).
+    pub fn remove_unused_datasets(&self) {
+        let Some(max_age) = self.dataset_retention else {
+            return;
+        };
+        // A run's record holds its resolved config, which names its dataset id.
+        let configs: Vec<String> = self
+            .runs
+            .list()
+            .iter()
+            .map(|r| r.config.to_string())
+            .collect();
+        let removed = self
+            .datasets
+            .remove_unused(max_age, |id| configs.iter().any(|c| c.contains(id)));
+        for id in removed {
+            tracing::info!(dataset_id = %id, "removed an unused dataset past its retention");
+        }
     }
 
     pub fn device(&self) -> Device {
@@ -176,6 +214,8 @@ impl Manager {
     /// Resolves `req`, creates the run and starts its thread. Returns once the run exists;
     /// its events follow on the run's broadcast and log.
     pub async fn start(self: &Arc<Self>, req: TrainRequest) -> Result<Arc<Run>> {
+        // Validation first: an invalid request is INVALID_ARGUMENT even while a run goes on.
+        train::precheck::precheck(&req, &self.env)?;
         let guard = self.reserve()?;
         let this = self.clone();
         let prepared = tokio::task::spawn_blocking(move || {
@@ -259,7 +299,16 @@ impl Manager {
             },
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "run failed");
-                (RunState::Failed, e.to_string())
+                // The run's events go to clients: libtorch's text (C++ backtraces, paths)
+                // stays in the log.
+                // A full disk or a bad file is the operator's to fix and stays readable.
+                let message = match &e {
+                    TrainerError::Torch(_)
+                    | TrainerError::Model(synopsis_model::ModelError::Torch(_))
+                    | TrainerError::Internal(_) => synopsis_common::internal_message(&e),
+                    _ => synopsis_common::bounded_message(&e.to_string()),
+                };
+                (RunState::Failed, message)
             }
             Err(panic) => {
                 let what = panic
@@ -268,7 +317,10 @@ impl Manager {
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_else(|| "unknown panic".into());
                 tracing::error!(panic = %what, "run panicked");
-                (RunState::Failed, format!("internal error: {what}"))
+                (
+                    RunState::Failed,
+                    synopsis_common::internal_message(&format!("the run panicked: {what}")),
+                )
             }
         };
         self.metrics.tokens_per_second.set(0.0);

@@ -146,3 +146,71 @@ fn data_paths_stay_under_the_root() {
         Err(DataError::PathNotFound(_))
     ));
 }
+
+fn upload(store: &DatasetStore, data: &[u8]) -> Result<String, DataError> {
+    let mut upload = store.begin_upload("x.csv")?;
+    upload.write_chunk(data)?;
+    upload.finish().map(|info| info.dataset_id)
+}
+
+/// An upload is kept only if it is a CSV: random bytes, a header alone, a header of nothing
+/// are refused when the upload ends, and nothing is stored.
+#[test]
+fn uploads_that_are_not_csv_are_refused_and_not_kept() {
+    let root = tempfile::tempdir().unwrap();
+    let store = DatasetStore::new(root.path()).unwrap();
+    let mut random = vec![0u8; 256 * 1024];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for byte in random.iter_mut() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *byte = (state >> 24) as u8;
+    }
+    for (what, data) in [
+        ("random bytes", random.as_slice()),
+        ("a header alone", b"id,Synopsis\n".as_slice()),
+        ("an empty header", b"\n\n1\n".as_slice()),
+        (
+            "mostly not UTF-8",
+            b"Synopsis\n\xff\xfe\n\xc3\x28\nok\n".as_slice(),
+        ),
+    ] {
+        let err = upload(&store, data).unwrap_err();
+        assert!(matches!(err, DataError::NotCsv(_)), "{what}: {err}");
+    }
+    assert!(
+        stored_files(root.path()).is_empty(),
+        "{:?}",
+        stored_files(root.path())
+    );
+    // A stray bad row is counted and skipped later, not a reason to refuse the file.
+    upload(&store, b"Synopsis\nfine\n\xff\nalso fine\n").unwrap();
+}
+
+/// The stored datasets share a quota; an upload over it is refused and not kept.
+#[test]
+fn uploads_over_the_quota_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let store = DatasetStore::new(root.path())
+        .unwrap()
+        .with_quota(Some(CSV.len() as u64 + 10));
+    upload(&store, CSV).unwrap();
+    let err = upload(&store, b"Synopsis\nanother story\n").unwrap_err();
+    assert!(matches!(err, DataError::QuotaExceeded { .. }), "{err}");
+    assert_eq!(stored_files(root.path()).len(), 1);
+}
+
+/// Old datasets no run uses are removed; used or recent ones stay.
+#[test]
+fn unused_datasets_past_their_retention_are_removed() {
+    let root = tempfile::tempdir().unwrap();
+    let store = DatasetStore::new(root.path()).unwrap();
+    let used = upload(&store, CSV).unwrap();
+    let unused = upload(&store, b"Synopsis\nanother story\n").unwrap();
+    let kept = store.remove_unused(std::time::Duration::from_secs(3600), |_| false);
+    assert!(kept.is_empty(), "recent datasets are kept: {kept:?}");
+    let removed = store.remove_unused(std::time::Duration::ZERO, |id| id == used);
+    assert_eq!(removed, vec![unused]);
+    assert_eq!(stored_files(root.path()), vec![format!("{used}.csv")]);
+}

@@ -76,6 +76,40 @@ async fn stop_busy_follow_and_restart() {
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains(&run_id), "{}", err.message());
+    // An invalid request is INVALID_ARGUMENT whether or not the device is busy: a busy
+    // answer is one clients retry, and this one can never succeed.
+    let mut invalid = tiny_request(&dataset_id, 1);
+    invalid.hyper.as_mut().unwrap().learning_rate = 7.0;
+    let err = client.train(invalid).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let mut invalid = tiny_request(&dataset_id, 1);
+    invalid.run_name = "evil\u{1b}[2J\nname".into();
+    let err = client.train(invalid).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("run_name"), "{err:?}");
+
+    // A follower asking to start past the running run's end gets the run's end too: the
+    // stream closes (OUT_OF_RANGE, as for a finished run) instead of waiting forever.
+    let mut ahead = server.client().await;
+    let ahead = ahead
+        .watch_run(WatchRunRequest {
+            run_id: run_id.clone(),
+            from_seq: 1_000_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ahead = tokio::spawn(async move {
+        let mut ahead = ahead;
+        let mut events = 0;
+        loop {
+            match ahead.message().await {
+                Ok(Some(_)) => events += 1,
+                Ok(None) => return (events, None),
+                Err(status) => return (events, Some(status)),
+            }
+        }
+    });
 
     // A second client follows the same run from the start.
     let mut watcher = server.client().await;
@@ -101,6 +135,14 @@ async fn stop_busy_follow_and_restart() {
     let events = rest(stream, head).await;
     let done = finished(&events);
     assert_eq!(done.state(), RunState::Stopped);
+    // A hang guard only (the run has ended: the stream must end now).
+    let (sent, status) = tokio::time::timeout(std::time::Duration::from_secs(120), ahead)
+        .await
+        .expect("WatchRun past the end of a run that finished must close")
+        .unwrap();
+    assert_eq!(sent, 0);
+    let status = status.expect("an OUT_OF_RANGE status");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     let stop_ckpt = checkpoint_of(&events[events.len() - 2])
         .expect("a checkpoint right before finished")
         .clone();

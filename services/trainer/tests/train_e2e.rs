@@ -381,3 +381,39 @@ async fn requests_that_cannot_work_are_invalid_arguments() {
     );
     server.shutdown().await.unwrap();
 }
+
+/// A model of hundreds of billions of parameters passes every per-field bound; its memory
+/// estimate is what refuses it, before its data is read or a tensor allocated (allocating it
+/// would take this host down or abort the process). With `--max-run-memory` the same check
+/// holds a small model to a small budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_larger_than_memory_are_refused_before_allocating() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(root.path()).await;
+    let mut client = server.client().await;
+    let dataset_id = upload(&mut client, &corpus_csv()).await;
+    let mut req = tiny_request(&dataset_id, 1);
+    let model = req.model.as_mut().unwrap();
+    model.n_layer = 256;
+    model.n_embd = 16_384;
+    model.n_head = 256;
+    model.n_positions = 1024;
+    let err = client.train(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("needs about") && err.message().contains("available"),
+        "{err:?}"
+    );
+    assert!(err.message().len() < 400, "{err:?}");
+    server.shutdown().await.unwrap();
+
+    let server = Server::start_with(root.path(), |c| c.max_run_memory = Some(1 << 20)).await;
+    let mut client = server.client().await;
+    let err = client
+        .train(tiny_request(&dataset_id, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("1.0 MiB"), "{err:?}");
+    server.shutdown().await.unwrap();
+}

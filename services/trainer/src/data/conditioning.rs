@@ -66,8 +66,9 @@ impl ConditioningTemplate {
                 })?;
             if indices.contains(&index) {
                 return Err(DataError::InvalidOption(format!(
-                    "condition column {name:?} repeats column {:?}",
-                    header[index]
+                    "condition column {} repeats column {}",
+                    synopsis_common::quote(name),
+                    synopsis_common::quote(&header[index])
                 )));
             }
             let column = header[index].clone();

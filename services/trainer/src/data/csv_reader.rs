@@ -30,6 +30,10 @@ pub struct CsvSummary {
     pub columns: Vec<String>,
     /// The column [`load_documents`](super::load_documents) would use when none is named.
     pub detected_text_column: Option<String>,
+    /// Whether the header row is valid UTF-8.
+    pub header_utf8: bool,
+    /// Data records that are not valid UTF-8 (skipped when training).
+    pub invalid_utf8_rows: u64,
 }
 
 /// Counts the records of the CSV at `path` and detects its text column.
@@ -39,17 +43,25 @@ pub fn inspect_csv(path: &Path) -> Result<CsvSummary, DataError> {
         source,
     })?;
     let mut reader = builder().from_reader(std::io::BufReader::new(file));
-    let columns = header_names(reader.byte_headers().map_err(csv_error)?);
+    let headers = reader.byte_headers().map_err(csv_error)?;
+    let header_utf8 = headers.iter().all(|h| std::str::from_utf8(h).is_ok());
+    let columns = header_names(headers);
     let mut record = ByteRecord::new();
     let mut rows = 0u64;
+    let mut invalid_utf8_rows = 0u64;
     while reader.read_byte_record(&mut record).map_err(csv_error)? {
         rows += 1;
+        if record.iter().any(|f| std::str::from_utf8(f).is_err()) {
+            invalid_utf8_rows += 1;
+        }
     }
     let detected_text_column = detect_text_column(&columns).map(|i| columns[i].clone());
     Ok(CsvSummary {
         rows,
         columns,
         detected_text_column,
+        header_utf8,
+        invalid_utf8_rows,
     })
 }
 

@@ -31,7 +31,12 @@ pub struct DatasetInfo {
 pub struct DatasetStore {
     dir: PathBuf,
     max_bytes: u64,
+    /// Bytes all stored datasets may take together (`--max-datasets-bytes`).
+    quota: Option<u64>,
 }
+
+/// The stored datasets: `(dataset_id, path, bytes, modified)`.
+type Stored = Vec<(String, PathBuf, u64, std::time::SystemTime)>;
 
 impl DatasetStore {
     /// A store under `root` (the trainer's `--root`); creates `<root>/datasets` if needed.
@@ -41,7 +46,57 @@ impl DatasetStore {
         Ok(Self {
             dir,
             max_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+            quota: None,
         })
+    }
+
+    /// The same store with a quota on the bytes of all stored datasets together.
+    pub fn with_quota(mut self, quota: Option<u64>) -> Self {
+        self.quota = quota;
+        self
+    }
+
+    /// Every stored dataset, with its size and modification time.
+    pub fn stored(&self) -> Stored {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().to_str()?.to_string();
+                let id = name.strip_suffix(".csv")?;
+                if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return None;
+                }
+                let meta = entry.metadata().ok()?;
+                let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+                Some((id.to_string(), entry.path(), meta.len(), modified))
+            })
+            .collect()
+    }
+
+    /// Removes the stored datasets older than `max_age` (by the time they were last
+    /// uploaded) for which `in_use` is false; returns the ids removed.
+    pub fn remove_unused(
+        &self,
+        max_age: std::time::Duration,
+        in_use: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let now = std::time::SystemTime::now();
+        let mut removed = Vec::new();
+        for (id, path, _, modified) in self.stored() {
+            let old = now.duration_since(modified).unwrap_or_default() >= max_age;
+            if old && !in_use(&id) {
+                match fs::remove_file(&path) {
+                    Ok(()) => removed.push(id),
+                    Err(e) => {
+                        tracing::warn!(file = %path.display(), error = %e, "cannot remove an unused dataset")
+                    }
+                }
+            }
+        }
+        removed
     }
 
     /// The same store with another upload size limit.
@@ -62,11 +117,20 @@ impl DatasetStore {
             .tempfile_in(&self.dir)
             .map_err(|source| io(&self.dir, source))?;
         tracing::debug!(filename, "upload started");
+        // Within the quota, an upload may take what the stored datasets leave.
+        let used: u64 = self.stored().iter().map(|(_, _, bytes, _)| bytes).sum();
+        let room = self.quota.map(|q| (q, used));
+        if let Some((quota, used)) = room {
+            if used >= quota {
+                return Err(DataError::QuotaExceeded { quota, used });
+            }
+        }
         Ok(UploadWriter {
             file,
             hasher: Sha256::new(),
             bytes: 0,
             max_bytes: self.max_bytes,
+            quota: room,
             dir: self.dir.clone(),
             filename: filename.to_string(),
         })
@@ -98,6 +162,8 @@ pub struct UploadWriter {
     hasher: Sha256,
     bytes: u64,
     max_bytes: u64,
+    /// `(quota, bytes stored when the upload began)`.
+    quota: Option<(u64, u64)>,
     dir: PathBuf,
     filename: String,
 }
@@ -110,6 +176,11 @@ impl UploadWriter {
             return Err(DataError::UploadTooLarge {
                 limit: self.max_bytes,
             });
+        }
+        if let Some((quota, used)) = self.quota {
+            if used.saturating_add(bytes) > quota {
+                return Err(DataError::QuotaExceeded { quota, used });
+            }
         }
         self.file
             .write_all(data)
@@ -135,6 +206,10 @@ impl UploadWriter {
         let path = self.dir.join(format!("{dataset_id}.csv"));
         let mut file = self.file;
         file.flush().map_err(|source| io(file.path(), source))?;
+        // Checked before it is kept: random bytes or a header alone are refused (and the
+        // temporary file goes with `file`).
+        let summary = inspect_csv(file.path())?;
+        check_upload(&summary)?;
         file.as_file()
             .sync_all()
             .map_err(|source| io(file.path(), source))?;
@@ -145,7 +220,11 @@ impl UploadWriter {
             file.persist(&path).map_err(|e| io(&path, e.error))?;
             sync_dir(&self.dir)?;
         }
-        let summary = inspect_csv(&path)?;
+        // Uploaded again: counts as new for the age-based removal of unused datasets.
+        let _ = File::options()
+            .append(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
         tracing::info!(
             filename = %self.filename,
             dataset_id = %dataset_id,
@@ -161,6 +240,30 @@ impl UploadWriter {
             detected_text_column: summary.detected_text_column,
         })
     }
+}
+
+/// What an upload must be to be kept: a UTF-8 header naming at least one column and at least
+/// one data row, most of them UTF-8 (a stray bad row is counted and skipped when training,
+/// but a file of random bytes is not a CSV).
+fn check_upload(summary: &super::CsvSummary) -> Result<(), DataError> {
+    if !summary.header_utf8 {
+        return Err(DataError::NotCsv(
+            "its first line (the header) is not UTF-8 text".into(),
+        ));
+    }
+    if summary.columns.iter().all(String::is_empty) {
+        return Err(DataError::NotCsv("its header names no column".into()));
+    }
+    if summary.rows == 0 {
+        return Err(DataError::NotCsv("it has a header but no data row".into()));
+    }
+    if summary.invalid_utf8_rows * 2 > summary.rows {
+        return Err(DataError::NotCsv(format!(
+            "{} of its {} rows are not UTF-8 text",
+            summary.invalid_utf8_rows, summary.rows
+        )));
+    }
+    Ok(())
 }
 
 /// Resolves `rel` under `data_root`, refusing anything that could read outside it: empty

@@ -57,6 +57,10 @@ pub async fn follow_run(
         };
         for event in replay {
             if event.seq < next {
+                if is_finished(&event) {
+                    let _ = tx.send(Err(ended_before(event.seq, from_seq))).await;
+                    return;
+                }
                 continue;
             }
             next = event.seq + 1;
@@ -87,6 +91,10 @@ pub async fn follow_run(
             match received {
                 Ok(event) => match forward(event, &mut next, &tx).await {
                     Forward::Sent => {}
+                    Forward::EndedBefore(last) => {
+                        let _ = tx.send(Err(ended_before(last, from_seq))).await;
+                        return;
+                    }
                     Forward::Gap => break,
                     Forward::Done => return,
                 },
@@ -100,6 +108,9 @@ pub async fn follow_run(
 
 enum Forward {
     Sent,
+    /// The run finished before the seq the client asked to start from: nothing will come.
+    /// Carries the seq of the run's `finished` event.
+    EndedBefore(u64),
     /// A seq was skipped (should not happen: the log is written first); re-read the log.
     Gap,
     /// The run finished or the client left.
@@ -109,6 +120,9 @@ enum Forward {
 /// Sends `event` if it is the next one; duplicates are dropped.
 async fn forward(event: TrainEvent, next: &mut u64, tx: &EventTx) -> Forward {
     if event.seq < *next {
+        if is_finished(&event) {
+            return Forward::EndedBefore(event.seq);
+        }
         return Forward::Sent;
     }
     if event.seq > *next {
@@ -126,10 +140,23 @@ async fn forward(event: TrainEvent, next: &mut u64, tx: &EventTx) -> Forward {
 /// Sends what is already queued on the broadcast (used when draining).
 async fn flush(rx: &mut broadcast::Receiver<TrainEvent>, next: &mut u64, tx: &EventTx) {
     while let Ok(event) = rx.try_recv() {
-        if !matches!(forward(event, next, tx).await, Forward::Sent) {
-            return;
+        match forward(event, next, tx).await {
+            Forward::Sent => {}
+            Forward::EndedBefore(last) => {
+                let _ = tx.send(Err(ended_before(last, *next))).await;
+                return;
+            }
+            Forward::Gap | Forward::Done => return,
         }
     }
+}
+
+/// The status ending a stream that asked to start past the run's last event: the answer
+/// WatchRun gives at once for a run already finished, given when the run finishes.
+fn ended_before(last_seq: u64, from_seq: u64) -> Status {
+    Status::out_of_range(format!(
+        "from_seq {from_seq} is past the end of the run: it finished with events 0..={last_seq}"
+    ))
 }
 
 /// Sends the newest checkpoint (of `run_id` if set), then each new one.

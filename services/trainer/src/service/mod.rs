@@ -48,7 +48,10 @@ impl TrainerService {
 }
 
 fn blocking_panic(e: tokio::task::JoinError) -> Status {
-    Status::internal(format!("worker failed: {e}"))
+    // A panic's text may be libtorch's (C++ backtrace): the log has it, the client an id.
+    Status::internal(synopsis_common::internal_message(&format!(
+        "worker failed: {e}"
+    )))
 }
 
 #[tonic::async_trait]
@@ -67,6 +70,11 @@ impl Trainer for TrainerService {
         };
         let filename = first.filename.clone();
         let store = self.manager.datasets.clone();
+        let manager = self.manager.clone();
+        // Unused old uploads go first, making room under the quota.
+        tokio::task::spawn_blocking(move || manager.remove_unused_datasets())
+            .await
+            .map_err(blocking_panic)?;
         let (tx, mut rx) = mpsc::channel::<Option<Vec<u8>>>(4);
         let writer = tokio::task::spawn_blocking(move || {
             let mut upload = store.begin_upload(&filename)?;

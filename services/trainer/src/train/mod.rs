@@ -3,8 +3,10 @@
 
 pub mod batches;
 pub mod hyper;
+pub mod memory;
 pub mod optimizer;
 pub mod plan;
+pub mod precheck;
 pub mod schedule;
 mod snapshot;
 mod sources;

@@ -105,6 +105,9 @@ pub struct Env {
     pub data_root: Option<PathBuf>,
     pub models_root: Option<PathBuf>,
     pub device: Device,
+    /// `--max-run-memory`: what a run's estimate is checked against instead of the host's
+    /// available memory.
+    pub max_run_memory: Option<u64>,
 }
 
 /// Resolves and loads everything (blocking: reads the CSV, may train a tokenizer, loads
@@ -280,7 +283,13 @@ pub fn prepare(req: &TrainRequest, env: &Env, catalog: &Catalog) -> Result<Plan>
         ));
     }
 
-    // Model and optimizer on the device.
+    // Model and optimizer on the device, once their estimate fits.
+    super::memory::check(
+        &model_config,
+        hyper.batch_size,
+        hyper.seq_len,
+        super::memory::limit(env.device, env.max_run_memory),
+    )?;
     tch::manual_seed(hyper.seed as i64);
     let model = match &weights {
         Some(path) => Gpt2::load(&model_config, path, env.device, WeightDtype::F32).map_err(
@@ -409,7 +418,7 @@ fn load_resume(req: &TrainRequest, catalog: &Catalog) -> Result<Resume> {
     })
 }
 
-fn reject_with_resume(req: &TrainRequest) -> Result<()> {
+pub(super) fn reject_with_resume(req: &TrainRequest) -> Result<()> {
     let field = if !req.base_model.is_empty() {
         "base_model"
     } else if !req.tokenizer.is_empty() {
@@ -441,6 +450,15 @@ pub(crate) fn bad(field: &'static str) -> impl Fn(synopsis_model::ModelError) ->
 /// The shape of a model trained from scratch: the preset, each set field overriding it, and
 /// the tokenizer's vocabulary and end-of-text id.
 fn scratch_config(spec: &synopsis_proto::v1::ModelSpec, tok: &Tokenizer) -> Result<Gpt2Config> {
+    scratch_shape(spec, tok.vocab_size() as i64, i64::from(tok.eos_id()))
+}
+
+/// The shape of [`scratch_config`] for a vocabulary of `vocab_size` ending in `eos`.
+pub(super) fn scratch_shape(
+    spec: &synopsis_proto::v1::ModelSpec,
+    vocab_size: i64,
+    eos: i64,
+) -> Result<Gpt2Config> {
     let preset = if spec.preset.is_empty() {
         DEFAULT_PRESET
     } else {
@@ -469,9 +487,9 @@ fn scratch_config(spec: &synopsis_proto::v1::ModelSpec, tok: &Tokenizer) -> Resu
             *slot = i64::from(value);
         }
     }
-    config.vocab_size = tok.vocab_size() as i64;
-    config.eos_token_id = i64::from(tok.eos_id());
-    config.bos_token_id = i64::from(tok.eos_id());
+    config.vocab_size = vocab_size;
+    config.eos_token_id = eos;
+    config.bos_token_id = eos;
     config
         .validate()
         .map_err(|m| TrainerError::invalid("model", m))?;

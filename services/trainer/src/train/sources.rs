@@ -4,6 +4,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use synopsis_common::quote;
 use synopsis_model::Tokenizer;
 
 use super::plan::{bad, DataSource, Env};
@@ -59,18 +60,18 @@ pub(crate) fn resolve_under(root: &Path, field: &'static str, name: &str) -> Res
     if !plain {
         return Err(TrainerError::invalid(
             field,
-            format!("{name:?} must be a relative path without '..'"),
+            format!("{} must be a relative path without '..'", quote(name)),
         ));
     }
     let root = root.canonicalize().map_err(|e| TrainerError::io(root, e))?;
     let dir = root
         .join(name)
         .canonicalize()
-        .map_err(|_| TrainerError::invalid(field, format!("{name:?} does not exist")))?;
+        .map_err(|_| TrainerError::invalid(field, format!("{} does not exist", quote(name))))?;
     if !dir.starts_with(&root) || !dir.is_dir() {
         return Err(TrainerError::invalid(
             field,
-            format!("{name:?} is not a directory under the models root"),
+            format!("{} is not a directory under the models root", quote(name)),
         ));
     }
     Ok(dir)
