@@ -49,6 +49,8 @@ pub struct Manager {
     /// `true` while no run holds the device; shutdown waits on it.
     idle: watch::Sender<bool>,
     draining: AtomicBool,
+    /// Checkpoints inside epochs (`--checkpoint-every-steps` / `--checkpoint-every-secs`).
+    every: crate::train::CheckpointEvery,
 }
 
 /// Frees the slot when preparation fails or panics before a run thread takes it over.
@@ -88,6 +90,12 @@ fn remove_stale_uploads(dir: &std::path::Path) {
 }
 
 impl Manager {
+    /// Sets how often runs checkpoint inside an epoch (every run started afterwards).
+    pub fn with_checkpoint_every(mut self, every: crate::train::CheckpointEvery) -> Self {
+        self.every = every;
+        self
+    }
+
     /// Opens the trainer's root: removes stale temp files, loads runs (marking the ones a dead
     /// process left RUNNING as FAILED) and verifies checkpoints. Blocking.
     pub fn open(
@@ -128,6 +136,7 @@ impl Manager {
             slot: Mutex::new(Slot::Idle),
             idle,
             draining: AtomicBool::new(false),
+            every: crate::train::CheckpointEvery::default(),
         })
     }
 
@@ -221,6 +230,7 @@ impl Manager {
             run: run.clone(),
             catalog: self.catalog.clone(),
             metrics: self.metrics.clone(),
+            every: self.every,
         };
         let this = self.clone();
         let spawned = std::thread::Builder::new()
