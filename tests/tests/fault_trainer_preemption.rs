@@ -73,7 +73,10 @@ async fn a_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint() {
     assert_eq!(done.state, pb::RunState::Completed as i32, "{done:?}");
     let expected = last_epoch(&events);
     let steps_in_epoch = expected.step;
-    assert!(steps_in_epoch > 2 * EVERY, "epoch of {steps_in_epoch} steps");
+    assert!(
+        steps_in_epoch > 2 * EVERY,
+        "epoch of {steps_in_epoch} steps"
+    );
     // Several step checkpoints were written; each replaced the previous one, and the epoch's
     // checkpoint replaced the last.
     let announced = e2e::checkpoints(&events);
@@ -157,7 +160,10 @@ async fn a_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint() {
 /// Complete checkpoint directories of every run under `root`.
 fn step_dirs(root: &Path) -> usize {
     let mut n = 0;
-    for run in std::fs::read_dir(root.join("checkpoints")).unwrap().flatten() {
+    for run in std::fs::read_dir(root.join("checkpoints"))
+        .unwrap()
+        .flatten()
+    {
         for child in std::fs::read_dir(run.path()).unwrap().flatten() {
             if child.path().join("manifest.json").is_file() {
                 n += 1;

@@ -194,7 +194,13 @@ pub fn run(plan: Plan, ctx: &RunContext) -> Result<Outcome> {
                 && ctx.every.due(progress.step, last_saved.elapsed())
             {
                 progress.scaler = Some(scaler);
-                save(&progress, REASON_STEP, None, &optimizer, &mut last_checkpoint)?;
+                save(
+                    &progress,
+                    REASON_STEP,
+                    None,
+                    &optimizer,
+                    &mut last_checkpoint,
+                )?;
                 last_saved = Instant::now();
             }
             if meter.due() || epoch_done || progress.step == total_steps {
