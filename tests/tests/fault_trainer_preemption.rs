@@ -102,20 +102,18 @@ async fn a_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint() {
         .await
         .unwrap()
         .into_inner();
-    let mut run_id = String::new();
-    loop {
+    let run_id = loop {
         let event = tokio::time::timeout(LONG, stream.message())
             .await
             .expect("events keep coming")
             .unwrap()
             .expect("the run announces a step checkpoint before it ends");
-        run_id = event.run_id.clone();
         if let Some(pb::train_event::Event::Checkpoint(c)) = &event.event {
             assert_eq!(c.reason, "step", "{c:?}");
             assert_eq!(c.step, EVERY, "{c:?}");
-            break;
+            break event.run_id;
         }
-    }
+    };
     trainer.process.sigkill();
     let trainer = tokio::task::spawn_blocking(move || {
         trainer.process.wait_exit(LONG).expect("killed");
