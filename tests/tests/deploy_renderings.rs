@@ -105,6 +105,18 @@ fn every_rendering_namespaces_its_objects_and_needs_no_gpu_discovery_labels() {
                 "{spec}: the rendering creates its Namespace"
             );
         }
+        // CPU nodes run the image without CUDA libraries; GPU nodes the one with them.
+        for (kind, name) in [
+            ("StatefulSet", "synopsis-trainer"),
+            ("Deployment", "synopsis-generator"),
+        ] {
+            let image = str_of(&r.workload(kind, name).container["image"]).to_owned();
+            assert_eq!(
+                image.ends_with("-cpu"),
+                spec.starts_with("overlays/cpu"),
+                "{spec}: {name} runs {image}"
+            );
+        }
         let trainer = r.get("StatefulSet", "synopsis-trainer");
         let retention = &trainer["spec"]["persistentVolumeClaimRetentionPolicy"];
         assert_eq!(retention["whenDeleted"], "Retain", "{spec}");
@@ -184,5 +196,65 @@ fn gpu_overlay_rolls_without_a_spare_gpu_and_yields_gpus_to_the_trainer() {
         // Generators scale on load (KEDA), not on CPU.
         assert_eq!(r.of_kind("HorizontalPodAutoscaler").count(), 0, "{spec}");
         assert_eq!(r.of_kind("ScaledObject").count(), 1, "{spec}");
+    }
+}
+
+/// The client retry policy deploy/README.md documents parses as a gRPC service config that
+/// grpc-go and grpcio accept (gRFC A6 rules: at least two attempts, positive durations as
+/// decimal seconds with an `s`, a positive multiplier, canonical status code names) and
+/// retries only on UNAVAILABLE, the code a draining or departed generator answers with.
+#[test]
+fn the_documented_client_service_config_is_a_valid_retry_policy() {
+    let readme =
+        std::fs::read_to_string(synopsis_tests::workspace_root().join("deploy/README.md")).unwrap();
+    let after = readme
+        .split_once("<!-- service-config -->")
+        .expect("the service config is marked in deploy/README.md")
+        .1;
+    let json = after
+        .split_once("```json")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("a json block follows the marker")
+        .0;
+    let config: Value = serde_json::from_str(json).expect("the service config is JSON");
+
+    assert!(
+        as_array(&config["loadBalancingConfig"])
+            .iter()
+            .any(|p| p["round_robin"].is_object()),
+        "{config}"
+    );
+    let duration = |v: &Value| {
+        let text = str_of(v);
+        let secs = text.strip_suffix('s').expect("a duration ends with s");
+        assert!(
+            secs.chars().all(|c| c.is_ascii_digit() || c == '.'),
+            "duration {text}"
+        );
+        let secs: f64 = secs.parse().expect("decimal seconds");
+        assert!(secs > 0.0, "duration {text}");
+        secs
+    };
+    let methods = as_array(&config["methodConfig"]);
+    assert!(!methods.is_empty());
+    for method in methods {
+        for name in as_array(&method["name"]) {
+            assert_eq!(name["service"], "synopsis.v1.Generator", "{method}");
+        }
+        let retry = &method["retryPolicy"];
+        let attempts = retry["maxAttempts"].as_u64().expect("maxAttempts");
+        assert!((2..=5).contains(&attempts), "{retry}");
+        let initial = duration(&retry["initialBackoff"]);
+        let max = duration(&retry["maxBackoff"]);
+        assert!(initial <= max, "{retry}");
+        assert!(
+            retry["backoffMultiplier"].as_f64().unwrap_or(0.0) > 0.0,
+            "{retry}"
+        );
+        let codes: Vec<&str> = as_array(&retry["retryableStatusCodes"])
+            .iter()
+            .map(str_of)
+            .collect();
+        assert_eq!(codes, ["UNAVAILABLE"], "{retry}");
     }
 }
