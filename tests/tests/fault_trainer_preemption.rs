@@ -31,7 +31,7 @@ fn last_epoch(events: &[pb::TrainEvent]) -> pb::EpochEvent {
     events
         .iter()
         .filter_map(|e| match &e.event {
-            Some(pb::train_event::Event::Epoch(ep)) => Some(ep.clone()),
+            Some(pb::train_event::Event::Epoch(ep)) => Some(*ep),
             _ => None,
         })
         .next_back()
@@ -86,7 +86,7 @@ async fn a_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint() {
         .map(|c| c.step)
         .collect();
     assert!(steps.len() >= 2, "{announced:?}");
-    assert!(steps.iter().all(|s| s % EVERY == 0), "{steps:?}");
+    assert!(steps.iter().all(|s| s.is_multiple_of(EVERY)), "{steps:?}");
     let kept = list(&reference, &reference_run).await;
     assert!(kept.iter().all(|c| c.reason != "step"), "{kept:?}");
     assert_eq!(step_dirs(&reference_root), kept.len());
@@ -132,7 +132,7 @@ async fn a_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint() {
         .unwrap_or_else(|| panic!("no checkpoint survived: {checkpoints:?}"));
     assert_eq!(newest.reason, "step", "{checkpoints:?}");
     assert!(
-        newest.step % EVERY == 0 && newest.step < steps_in_epoch,
+        newest.step.is_multiple_of(EVERY) && newest.step < steps_in_epoch,
         "{newest:?}"
     );
     // Superseded step checkpoints are gone from the catalog and the volume.

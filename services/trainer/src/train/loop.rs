@@ -46,7 +46,7 @@ pub struct CheckpointEvery {
 impl CheckpointEvery {
     /// Whether a step checkpoint is due at `step`, `since_last` after the previous checkpoint.
     pub fn due(&self, step: u64, since_last: Duration) -> bool {
-        (self.steps > 0 && step % self.steps == 0)
+        (self.steps > 0 && step.is_multiple_of(self.steps))
             || (self.secs > 0 && since_last >= Duration::from_secs(self.secs))
     }
 }
