@@ -135,13 +135,17 @@ async fn drain_sends_goaway_at_once_and_lets_streams_finish() {
     })
     .await
     .expect("the listener closes as soon as the drain starts");
-    // ...and a new call on a channel connected before is refused as UNAVAILABLE, the code
-    // clients retry elsewhere.
+    // ...and a new call on a channel connected before is refused: UNAVAILABLE (the code
+    // clients retry elsewhere) from the closed port, or CANCELLED when the call crossed the
+    // GOAWAY on the wire, tonic's report of a call the server never processed.
     let status = other
         .generate(request("Hello", 4))
         .await
         .expect_err("draining");
-    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        matches!(status.code(), Code::Unavailable | Code::Cancelled),
+        "{status:?}"
+    );
 
     // The stream in flight still runs to its end.
     let rest = collect(stream).await;
