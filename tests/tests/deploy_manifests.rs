@@ -12,19 +12,16 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use deploy_support::cluster::*;
 use deploy_support::*;
 use serde_json::Value;
 use synopsis_proto::v1::generator_client::GeneratorClient;
 use synopsis_proto::v1::trainer_client::TrainerClient;
 use synopsis_proto::v1::{
-    generate_response, train_event, train_request, GenerateRequest, HyperParams, ModelInfoRequest,
-    ModelSpec, RunState, TrainRequest,
+    generate_response, train_event, GenerateRequest, ModelInfoRequest, RunState,
 };
-use synopsis_tests::{free_port, workspace_bin, ServiceProcess};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use synopsis_tests::workspace_bin;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 const TRAINER: (&str, &str) = ("StatefulSet", "synopsis-trainer");
 const GENERATOR: (&str, &str) = ("Deployment", "synopsis-generator");
@@ -109,13 +106,25 @@ fn ports_probes_services_and_policies_agree() {
             "{spec}: trainer checkpoint grace"
         );
 
-        let hpa = r.get("HorizontalPodAutoscaler", GENERATOR.1);
-        assert_eq!(hpa["spec"]["scaleTargetRef"]["kind"], GENERATOR.0);
-        assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], GENERATOR.1);
-        assert!(
-            hpa["spec"]["minReplicas"].as_u64().unwrap_or(1) >= 2,
-            "{spec}"
-        );
+        // Exactly one autoscaler owns the generator count: the CPU HPA or KEDA's ScaledObject.
+        let scalers: Vec<&Value> = r
+            .objects
+            .iter()
+            .filter(|o| {
+                (o["kind"] == "HorizontalPodAutoscaler" || o["kind"] == "ScaledObject")
+                    && o["spec"]["scaleTargetRef"]["name"] == GENERATOR.1
+            })
+            .collect();
+        assert_eq!(scalers.len(), 1, "{spec}: autoscalers {scalers:?}");
+        let scaler = scalers[0];
+        if scaler["kind"] == "HorizontalPodAutoscaler" {
+            assert_eq!(scaler["spec"]["scaleTargetRef"]["kind"], GENERATOR.0);
+        }
+        let min = scaler["spec"]["minReplicas"]
+            .as_u64()
+            .or(scaler["spec"]["minReplicaCount"].as_u64())
+            .unwrap_or(1);
+        assert!(min >= 2, "{spec}: fewer than two generators");
         let pdb = r.get("PodDisruptionBudget", GENERATOR.1);
         assert!(
             generator.selected_by(&pdb["spec"]["selector"]),
@@ -158,8 +167,27 @@ fn check_workload(r: &Rendered, w: &Workload) {
         assert!(probes.iter().any(|p| p.kind == kind), "{name}: no {kind}");
     }
     for probe in &probes {
-        let (Check::Grpc { port, .. } | Check::Tcp { port }) = probe.check;
-        assert_eq!(port, grpc, "{name}: {} probes another port", probe.kind);
+        // gRPC and TCP probes reach the gRPC port; HTTP ones the plaintext metrics port,
+        // where /readyz and /healthz live.
+        let expected = match probe.check {
+            Check::Http { .. } => w.named_port("metrics"),
+            _ => grpc,
+        };
+        assert_eq!(
+            probe.check.port(),
+            expected,
+            "{name}: {} probes another port",
+            probe.kind
+        );
+    }
+
+    // Every container that writes declares its ephemeral storage, so the kubelet evicts
+    // the one pod over its limit instead of every pod of a node whose disk fills.
+    for key in ["requests", "limits"] {
+        assert!(
+            w.container["resources"][key]["ephemeral-storage"].is_string(),
+            "{name}: no ephemeral-storage {key}"
+        );
     }
 
     // Each Service port of the workload routes to a container port of the same number.
@@ -202,20 +230,6 @@ fn check_workload(r: &Rendered, w: &Workload) {
     }
 }
 
-/// The container port a Service's `port` reaches on workload `w`.
-fn service_target(w: &Workload, service: &Value, port: u16) -> u16 {
-    let entry = as_array(&service["spec"]["ports"])
-        .iter()
-        .find(|p| port_of(&p["port"]) == port)
-        .unwrap_or_else(|| panic!("Service {} has no port {port}", service["metadata"]["name"]));
-    let target = if entry["targetPort"].is_null() {
-        &entry["port"]
-    } else {
-        &entry["targetPort"]
-    };
-    w.container_port(target)
-}
-
 #[test]
 fn every_setting_and_argument_is_a_flag_of_the_binary() {
     let mut help: BTreeMap<String, String> = BTreeMap::new();
@@ -248,231 +262,6 @@ fn every_setting_and_argument_is_a_flag_of_the_binary() {
                 );
             }
         }
-    }
-}
-
-/// Local stand-ins for what the cluster provides: a directory per volume, a port per container
-/// port, 127.0.0.1 for Service names.
-struct Cluster<'a> {
-    rendered: &'a Rendered,
-    workloads: Vec<Workload<'a>>,
-    dir: tempfile::TempDir,
-    ports: BTreeMap<(String, u16), u16>,
-}
-
-impl<'a> Cluster<'a> {
-    fn new(rendered: &'a Rendered, workloads: Vec<Workload<'a>>) -> Self {
-        let mut ports = BTreeMap::new();
-        for w in &workloads {
-            for port in w.container_ports() {
-                ports.insert((w.name().to_owned(), port), free_port());
-            }
-        }
-        let dir = tempfile::tempdir().unwrap();
-        Cluster {
-            rendered,
-            workloads,
-            dir,
-            ports,
-        }
-    }
-
-    fn workload(&self, name: &str) -> &Workload<'a> {
-        self.workloads.iter().find(|w| w.name() == name).unwrap()
-    }
-
-    fn local_port(&self, workload: &str, container_port: u16) -> u16 {
-        self.ports[&(workload.to_owned(), container_port)]
-    }
-
-    fn volume(&self, w: &Workload, mount: &str) -> PathBuf {
-        self.dir
-            .path()
-            .join(w.name())
-            .join(mount.trim_start_matches('/'))
-    }
-
-    /// A value of an argument or variable as it reads on this machine.
-    fn map(&self, w: &Workload, value: &str) -> String {
-        for any in ["0.0.0.0:", "[::]:"] {
-            if let Some(port) = value.strip_prefix(any) {
-                let port: u16 = port.parse().unwrap();
-                assert!(w.container_ports().contains(&port), "{}: {value}", w.name());
-                return format!("127.0.0.1:{}", self.local_port(w.name(), port));
-            }
-        }
-        if let Some((scheme, _)) = value.split_once("://") {
-            let (host, port) = url_host_port(value);
-            if let Some(service) = self.rendered.service_for_host(&host) {
-                let target = self
-                    .workloads
-                    .iter()
-                    .find(|t| t.selected_by(&service["spec"]["selector"]))
-                    .unwrap_or_else(|| panic!("Service {host} selects no workload"));
-                let local = self.local_port(target.name(), service_target(target, service, port));
-                return format!("{scheme}://127.0.0.1:{local}");
-            }
-        }
-        for (mount, _) in w.mounts() {
-            if let Some(rest) = value.strip_prefix(&mount) {
-                if rest.is_empty() || rest.starts_with('/') {
-                    return format!("{}{rest}", self.volume(w, &mount).display());
-                }
-            }
-        }
-        value.to_owned()
-    }
-
-    /// Starts the workload's binary with its declared arguments and environment, mapped, and
-    /// nothing else of this machine's environment (the image sets HOME=/tmp).
-    fn start(&self, name: &str) -> ServiceProcess {
-        let w = self.workload(name);
-        for (mount, _) in w.mounts() {
-            std::fs::create_dir_all(self.volume(w, &mount)).unwrap();
-        }
-        let args: Vec<String> = w
-            .args()
-            .iter()
-            .map(|a| match a.split_once('=') {
-                Some((flag, value)) if flag.starts_with("--") => {
-                    format!("{flag}={}", self.map(w, value))
-                }
-                _ => self.map(w, a),
-            })
-            .collect();
-        let mut command = Command::new(workspace_bin(w.binary()));
-        command.args(&args).env_clear();
-        for (key, value) in w.env() {
-            command.env(key, self.map(w, &value));
-        }
-        let tmp = self.map(w, "/tmp");
-        command.env("HOME", &tmp).env("TMPDIR", &tmp);
-        let mut process = ServiceProcess::from_command(command).unwrap();
-        process.set_grace(Duration::from_secs(w.termination_grace_secs()));
-        process
-    }
-}
-
-async fn health(port: u16, service: &str) -> anyhow::Result<ServingStatus> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
-    let response = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: service.to_owned(),
-        })
-        .await?;
-    Ok(response.into_inner().status())
-}
-
-/// Whether the kubelet would count `check` (on local `port`) as passing right now.
-async fn passes(check: &Check, port: u16) -> Result<(), String> {
-    match check {
-        Check::Grpc { service, .. } => match health(port, service).await {
-            Ok(ServingStatus::Serving) => Ok(()),
-            Ok(status) => Err(format!("status {}", status.as_str_name())),
-            Err(e) => Err(format!("{e:#}")),
-        },
-        Check::Tcp { .. } => tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string()),
-    }
-}
-
-async fn wait_passes(process: &ServiceProcess, probe: &Probe, port: u16, within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        assert!(
-            process.try_status().is_none(),
-            "exited:\n{}",
-            process.log_tail()
-        );
-        let result = passes(&probe.check, port).await;
-        match result {
-            Ok(()) => return,
-            Err(e) if tokio::time::Instant::now() >= deadline => {
-                panic!(
-                    "{} {:?} never passed: {e}\n{}",
-                    probe.kind,
-                    probe.check,
-                    process.log_tail()
-                )
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-}
-
-/// GET `path` over plain HTTP/1.1; the status line and body.
-async fn http_get(port: u16, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
-}
-
-/// ~40 short synopses that pass the trainer's cleaning rules.
-fn corpus_csv() -> String {
-    let heroes = [
-        "A young pilot",
-        "An old detective",
-        "A quiet student",
-        "A lonely robot",
-    ];
-    let places = ["a floating city", "the frozen north", "a haunted school"];
-    let goals = [
-        "searches for her brother",
-        "must stop a war",
-        "uncovers a conspiracy",
-    ];
-    let mut csv = String::from("MAL_ID,Name,Genres,Synopsis\n");
-    let mut id = 0;
-    for hero in heroes {
-        for place in places {
-            for goal in goals {
-                id += 1;
-                csv.push_str(&format!(
-                    "{id},\"Story {id}\",\"Drama\",\"{hero} from {place} {goal}. Along the way, \
-                     friends are made and old secrets come to light.\"\n"
-                ));
-            }
-        }
-    }
-    csv
-}
-
-fn tiny_run(data_path: &str) -> TrainRequest {
-    TrainRequest {
-        data: Some(train_request::Data::DataPath(data_path.to_owned())),
-        model: Some(ModelSpec {
-            preset: "tiny".into(),
-            n_layer: 2,
-            n_embd: 64,
-            n_head: 2,
-            n_positions: 64,
-            vocab_size: 500,
-        }),
-        hyper: Some(HyperParams {
-            epochs: 1,
-            batch_size: 4,
-            learning_rate: 3e-3,
-            warmup_steps: 2,
-            min_chars: 20,
-            seed: 7,
-            eval_fraction: 0.1,
-            seq_len: 64,
-            sample_tokens: 4,
-            ..Default::default()
-        }),
-        run_name: "deploy manifests".into(),
-        ..Default::default()
     }
 }
 
@@ -589,6 +378,26 @@ async fn cpu_overlay_runs_as_declared_and_every_probe_passes() {
     assert!(done);
     assert_metrics_served(&cluster, generator_w).await;
 
+    // Every generator metric an autoscaler of any rendering scales on is one this binary
+    // exports: a renamed gauge would leave KEDA scaling on nothing.
+    let metrics_port = cluster.local_port(GENERATOR.1, generator_w.named_port("metrics"));
+    let scrape = http_get(metrics_port, "/metrics").await;
+    let mut scaled_on = Vec::new();
+    for spec in RENDERINGS {
+        scaled_on.extend(autoscaler_metrics(&Rendered::render(spec)));
+    }
+    assert!(
+        scaled_on.iter().any(|m| m.contains("queue_depth"))
+            && scaled_on.iter().any(|m| m.contains("streams_in_flight")),
+        "no rendering scales on generator load: {scaled_on:?}"
+    );
+    for name in &scaled_on {
+        assert!(
+            scrape.contains(&format!("# TYPE {name} ")),
+            "the autoscaler scales on {name}, which the generator does not export:\n{scrape}"
+        );
+    }
+
     // SIGTERM, as the kubelet sends it: each exits cleanly within its grace period.
     for (w, process) in [(generator_w, &generator), (trainer_w, &trainer)] {
         process.sigterm();
@@ -603,6 +412,46 @@ async fn cpu_overlay_runs_as_declared_and_every_probe_passes() {
             process.log_tail()
         );
     }
+}
+
+/// The `synopsis_generator_*` metrics that a rendering's autoscalers query (KEDA Prometheus
+/// triggers, HPA Pods or External metrics).
+fn autoscaler_metrics(r: &Rendered) -> Vec<String> {
+    let mut texts = Vec::new();
+    for o in r.of_kind("ScaledObject") {
+        for trigger in as_array(&o["spec"]["triggers"]) {
+            texts.push(
+                trigger["metadata"]["query"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned(),
+            );
+        }
+    }
+    for o in r.of_kind("HorizontalPodAutoscaler") {
+        for m in as_array(&o["spec"]["metrics"]) {
+            for key in ["pods", "external"] {
+                if let Some(name) = m[key]["metric"]["name"].as_str() {
+                    texts.push(name.to_owned());
+                }
+            }
+        }
+    }
+    let mut names = Vec::new();
+    for text in texts {
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("synopsis_generator_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            names.push(tail[..end].to_owned());
+            rest = &tail[end..];
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// The metrics endpoint answers where the scrape annotations point.

@@ -13,7 +13,10 @@ mod text;
 pub use auth::{auth_layer, AuthLayer, AuthService, BearerInterceptor, HEALTH_PATH_PREFIX};
 pub use grpc::{health_service, reflection_service, reflection_service_v1alpha, STANDARD_SERVICES};
 pub use memory::{available_host_memory, human_bytes};
-pub use metrics::{rss_bytes, rss_bytes_of, serve_metrics, spawn_metrics};
+pub use metrics::{
+    always_ready, rss_bytes, rss_bytes_of, serve_metrics, serve_metrics_with_readiness,
+    spawn_metrics, spawn_metrics_with_readiness, Readiness,
+};
 pub use security::{ClientSecurityArgs, SecurityArgs};
 pub use telemetry::{init_tracing, shutdown_signal};
 pub use text::{

@@ -1,8 +1,11 @@
-//! The HTTP side door of each server: Prometheus metrics and a liveness probe, kept off the
-//! gRPC port so scrapers and kubelets need neither HTTP/2 nor credentials.
+//! The HTTP side door of each server: Prometheus metrics, a liveness probe (`/healthz`) and a
+//! readiness probe (`/readyz`), kept off the gRPC port so scrapers and kubelets need neither
+//! HTTP/2, TLS nor credentials. The kubelet's gRPC probes speak plaintext only, so where the
+//! gRPC port serves TLS, `/readyz` is what keeps readiness meaning "able to answer".
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::Context;
 use axum::extract::State;
@@ -15,17 +18,43 @@ use prometheus::{Encoder, Registry, TextEncoder};
 /// Name of the resident-memory gauge added to every scrape unless the registry has its own.
 const RSS_METRIC: &str = "process_resident_memory_bytes";
 
-/// Serves `GET /metrics` (Prometheus text format of `registry`) and `GET /healthz` (`200 ok`)
-/// on `listener` until `shutdown` resolves.
+/// Whether the server can take traffic now, asked on every `GET /readyz`.
+pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// A readiness that is true whenever the process answers.
+pub fn always_ready() -> Readiness {
+    Arc::new(|| true)
+}
+
+#[derive(Clone)]
+struct Endpoints {
+    registry: Registry,
+    ready: Readiness,
+}
+
+/// Serves `GET /metrics` (Prometheus text format of `registry`), `GET /healthz` (`200 ok`) and
+/// `GET /readyz` (always `200 ready`) on `listener` until `shutdown` resolves.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     registry: Registry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_metrics_with_readiness(listener, registry, always_ready(), shutdown).await
+}
+
+/// [`serve_metrics`] with `GET /readyz` answering `200 ready` while `ready()` holds and
+/// `503 not ready` otherwise.
+pub async fn serve_metrics_with_readiness(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    ready: Readiness,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
-        .with_state(registry);
+        .route("/readyz", get(readyz))
+        .with_state(Endpoints { registry, ready });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -39,6 +68,15 @@ pub fn spawn_metrics(
     addr: SocketAddr,
     registry: Registry,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    spawn_metrics_with_readiness(addr, registry, always_ready())
+}
+
+/// [`spawn_metrics`] with `/readyz` following `ready`.
+pub fn spawn_metrics_with_readiness(
+    addr: SocketAddr,
+    registry: Registry,
+    ready: Readiness,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let std_listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("cannot bind metrics address {addr}"))?;
     std_listener
@@ -49,14 +87,24 @@ pub fn spawn_metrics(
     let local = listener.local_addr().unwrap_or(addr);
     tracing::info!(addr = %local, "metrics listening");
     Ok(tokio::spawn(async move {
-        if let Err(err) = serve_metrics(listener, registry, std::future::pending()).await {
+        let serving =
+            serve_metrics_with_readiness(listener, registry, ready, std::future::pending());
+        if let Err(err) = serving.await {
             tracing::error!(err = format!("{err:#}"), "metrics server stopped");
         }
     }))
 }
 
-async fn metrics(State(registry): State<Registry>) -> impl IntoResponse {
-    let mut families = registry.gather();
+async fn readyz(State(endpoints): State<Endpoints>) -> impl IntoResponse {
+    if (endpoints.ready)() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+async fn metrics(State(endpoints): State<Endpoints>) -> impl IntoResponse {
+    let mut families = endpoints.registry.gather();
     if !families.iter().any(|f| f.name() == RSS_METRIC) {
         families.extend(rss_family());
     }

@@ -87,3 +87,32 @@ async fn spawn_metrics_serves_and_refuses_a_taken_port() {
     assert!(format!("{err:#}").contains(&addr.to_string()), "{err:#}");
     handle.abort();
 }
+
+#[tokio::test]
+async fn readyz_follows_the_readiness_function_and_healthz_does_not() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let flag = Arc::new(AtomicBool::new(false));
+    let ready: synopsis_common::Readiness = {
+        let flag = Arc::clone(&flag);
+        Arc::new(move || flag.load(Ordering::SeqCst))
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(synopsis_common::serve_metrics_with_readiness(
+        listener,
+        Registry::new(),
+        ready,
+        std::future::pending(),
+    ));
+
+    let not_ready = get(addr, "/readyz").await;
+    assert!(not_ready.starts_with("HTTP/1.1 503"), "{not_ready}");
+    assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+    flag.store(true, Ordering::SeqCst);
+    let ready = get(addr, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    assert!(ready.ends_with("ready"), "{ready}");
+    server.abort();
+}

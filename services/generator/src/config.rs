@@ -106,6 +106,12 @@ pub struct Config {
     #[arg(long, env = "SYNOPSIS_DRAIN_GRACE_SECS", default_value_t = 30)]
     pub drain_grace_secs: u64,
 
+    /// Close each client connection gracefully (GOAWAY, streams in flight finish) once it is this
+    /// old, so clients resolve the Service again and reach replicas added since; 0 keeps
+    /// connections for as long as the client wants.
+    #[arg(long, env = "SYNOPSIS_MAX_CONNECTION_AGE_SECS", default_value_t = 0)]
+    pub max_connection_age_secs: u64,
+
     /// How often --watch-dir is scanned for new checkpoints, in milliseconds.
     #[arg(long, env = "SYNOPSIS_WATCH_INTERVAL_MS", default_value_t = 1000)]
     pub watch_interval_ms: u64,

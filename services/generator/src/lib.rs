@@ -37,8 +37,8 @@ use crate::state::{State, StateParts};
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Serves the generator on `listener` until `shutdown` resolves, then drains: health turns
-/// NOT_SERVING, new requests get UNAVAILABLE, streams in flight get `--drain-grace-secs` to
-/// finish, and the function returns.
+/// NOT_SERVING, every connection gets a GOAWAY and the listener closes, new requests get
+/// UNAVAILABLE, streams in flight get `--drain-grace-secs` to finish, and the function returns.
 pub async fn serve(
     config: Config,
     listener: tokio::net::TcpListener,
@@ -52,15 +52,13 @@ pub async fn serve(
     config.security.warn_if_exposed(addr);
 
     let metrics = Arc::new(Metrics::new().context("metrics registry")?);
-    if let Some(metrics_addr) = config.metrics_listen {
-        synopsis_common::spawn_metrics(metrics_addr, metrics.registry.clone())?;
-    }
+    let max_batch = config
+        .max_batch
+        .unwrap_or_else(|| config::default_max_batch(device))
+        .max(1);
     let engine = spawn_engine(EngineConfig {
         device,
-        max_batch: config
-            .max_batch
-            .unwrap_or_else(|| config::default_max_batch(device))
-            .max(1),
+        max_batch,
         max_queue: config.queue.max(1),
         max_resident: config.max_resident.max(1),
         sampling_on_device: config.sampling.on_device(device),
@@ -89,12 +87,24 @@ pub async fn serve(
         load_roots,
         trainer: trainer.clone(),
         cache_budget: swap::CacheBudget {
-            max_batch: config.max_batch.max(1),
+            max_batch,
             max_memory: config.max_cache_memory,
         },
         health,
     }));
     state.refresh_health().await;
+    if let Some(metrics_addr) = config.metrics_listen {
+        // `/readyz` means what gRPC health means: a model is live and the server not draining.
+        let ready: synopsis_common::Readiness = {
+            let state = Arc::clone(&state);
+            Arc::new(move || !state.is_draining() && state.engine.live().is_some())
+        };
+        synopsis_common::spawn_metrics_with_readiness(
+            metrics_addr,
+            state.metrics.registry.clone(),
+            ready,
+        )?;
+    }
 
     let mut sources = Vec::new();
     if let Some(dir) = config.model.clone() {
@@ -124,18 +134,30 @@ pub async fn serve(
         )));
     }
 
+    // The drain starts the server's graceful shutdown at once: every connection gets a GOAWAY,
+    // so clients stop sending here and reconnect (to another replica) while the streams in
+    // flight run to their end; the listener closes, so reconnecting finds another address.
+    let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
     let (drained_tx, drained_rx) = tokio::sync::watch::channel(false);
     let drain = {
         let state = Arc::clone(&state);
         let grace = Duration::from_secs(config.drain_grace_secs);
         tokio::spawn(async move {
             shutdown.await;
+            state.begin_drain().await;
+            draining_tx.send_replace(true);
             drain(&state, grace).await;
             drained_tx.send_replace(true);
         })
     };
 
     let mut builder = tonic::transport::Server::builder();
+    if config.max_connection_age_secs > 0 {
+        // No max_connection_age_grace: in tonic 0.14 setting it replaces the GOAWAY at the age
+        // with a hard close at age + grace, which would cut streams in flight. A stream is
+        // bounded by --max-new-tokens-cap anyway, so the graceful close always ends.
+        builder = builder.max_connection_age(Duration::from_secs(config.max_connection_age_secs));
+    }
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).context("TLS configuration")?;
     }
@@ -153,10 +175,10 @@ pub async fn serve(
         ))));
     info!(%addr, device = %synopsis_model::device_name(device), "generator listening");
 
-    let mut drained = drained_rx.clone();
+    let mut draining = draining_rx;
     let server =
         router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            let _ = drained.wait_for(|d| *d).await;
+            let _ = draining.wait_for(|d| *d).await;
         });
     let mut forced = drained_rx;
     let result = tokio::select! {
@@ -178,9 +200,8 @@ pub async fn serve(
     result
 }
 
-/// Refuses new work, then waits up to `grace` for open streams; the rest are ended.
+/// With new work refused, waits up to `grace` for open streams; the rest are ended.
 async fn drain(state: &Arc<State>, grace: Duration) {
-    state.begin_drain().await;
     let open = state.open_streams();
     info!(
         open_streams = open,

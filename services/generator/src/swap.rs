@@ -133,8 +133,19 @@ pub async fn install_dir(
             warn!(checkpoint_id = %id, source, error = %e, "checkpoint refused; the live model keeps serving");
         }
     }
+    prune_cache(state);
     state.refresh_health().await;
     result
+}
+
+/// Drops from the download cache what is no longer resident (an evicted or refused checkpoint).
+/// Runs under the swap lock, so the resident set cannot change under it.
+fn prune_cache(state: &State) {
+    if let Some(link) = &state.trainer {
+        let resident = state.engine.resident();
+        link.cache
+            .prune(resident.iter().map(|m| m.info.checkpoint_id.as_str()));
+    }
 }
 
 async fn install_locked(

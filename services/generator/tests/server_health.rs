@@ -1,5 +1,6 @@
 //! Readiness and shutdown as a load balancer sees them: NOT_SERVING until a model is live,
-//! SERVING after, NOT_SERVING while draining, streams in flight finish, then `serve` returns.
+//! SERVING after, NOT_SERVING while draining, the listener closes and connections get a GOAWAY
+//! as the drain starts, streams in flight finish, then `serve` returns.
 
 mod server_support;
 
@@ -78,7 +79,7 @@ async fn not_serving_until_a_model_is_loaded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_refuses_new_work_and_lets_streams_finish() {
+async fn drain_sends_goaway_at_once_and_lets_streams_finish() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ck");
     write_tiny_checkpoint(&ckpt, "ck-1", 1, serde_json::Value::Null);
@@ -102,19 +103,51 @@ async fn drain_refuses_new_work_and_lets_streams_finish() {
         first.event,
         Some(pb::generate_response::Event::Started(_))
     ));
+    // A second client, connected before the drain, and a health Watch that will see it begin.
+    let mut other = server.client().await;
+    let channel = server.endpoint().connect().await.expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health Watch")
+        .into_inner();
+    let serving = health.message().await.expect("health answers");
+    assert_eq!(serving.map(|h| h.status()), Some(ServingStatus::Serving));
 
     server.signal_shutdown();
-    server
-        .wait_for_info("draining", |i| i.state == pb::ServingState::Draining as i32)
-        .await;
-    assert_eq!(server.health("").await, ServingStatus::NotServing);
-    let mut other = server.client().await;
+    let next = within(health.message())
+        .await
+        .expect("a health change after the signal")
+        .expect("the Watch stays up until the change is sent");
+    assert_eq!(next.map(|h| h.status()), Some(ServingStatus::NotServing));
+    drop(health);
+
+    // The graceful shutdown started with the drain, while a stream is still in flight: the
+    // listener is closed, so a client that reconnects (as one must after a GOAWAY) finds
+    // another replica instead of this one...
+    let addr = server.addr;
+    within(async {
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the listener closes as soon as the drain starts");
+    // ...and a new call on a channel connected before is refused: UNAVAILABLE (the code
+    // clients retry elsewhere) from the closed port, or CANCELLED when the call crossed the
+    // GOAWAY on the wire, tonic's report of a call the server never processed.
     let status = other
         .generate(request("Hello", 4))
         .await
         .expect_err("draining");
-    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        matches!(status.code(), Code::Unavailable | Code::Cancelled),
+        "{status:?}"
+    );
 
+    // The stream in flight still runs to its end.
     let rest = collect(stream).await;
     assert!(rest.error.is_none(), "{:?}", rest.error);
     assert_eq!(rest.finished.len(), 4);

@@ -279,3 +279,104 @@ async fn follows_a_trainer_that_comes_up_late() {
         .expect_err("unknown id");
     assert_eq!(status.code(), Code::NotFound);
 }
+
+/// Directories in the download cache (partial downloads included).
+fn cached_dirs(cache: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(cache)
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.unwrap();
+            e.file_type()
+                .unwrap()
+                .is_dir()
+                .then(|| e.file_name().to_string_lossy().into_owned())
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_keeps_only_resident_checkpoints_on_disk() {
+    const MAX_RESIDENT: usize = 2;
+    const CHECKPOINTS: u64 = 8;
+    let data = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let fake = FakeTrainer::default();
+    let mut infos = Vec::new();
+    for step in 1..=CHECKPOINTS {
+        let dir = data.path().join(format!("step-{step}"));
+        write_tiny_checkpoint(
+            &dir,
+            &format!("run/step-{step}"),
+            step,
+            serde_json::Value::Null,
+        );
+        infos.push(fake.add(dir));
+    }
+    // A checkpoint refused in transit must not stay on disk either.
+    fake.damaged.lock().unwrap().push("run/step-4".into());
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TrainerServer::new(fake.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let max_resident = MAX_RESIDENT.to_string();
+    let server = TestServer::start(&[
+        "--trainer",
+        &url,
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+        "--max-resident",
+        &max_resident,
+    ])
+    .await;
+    within(async {
+        while fake
+            .offered
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_none_or(|tx| tx.receiver_count() == 0)
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the generator connects to the trainer");
+
+    for info in &infos {
+        let id = info.checkpoint_id.clone();
+        fake.offer(info.clone());
+        let info = server
+            .wait_for_info(&format!("{id} live or refused"), |i| {
+                i.live_checkpoint_id == id || i.refused.iter().any(|r| r.checkpoint_id == id)
+            })
+            .await;
+        let on_disk = cached_dirs(cache.path());
+        assert!(
+            on_disk.len() <= MAX_RESIDENT + 1,
+            "after {id}: {on_disk:?} on disk, resident {:?}",
+            info.resident
+        );
+    }
+
+    // Once the last swap is over, exactly the resident checkpoints remain.
+    let info = server
+        .wait_for_info("cache pruned to the resident models", |_| {
+            cached_dirs(cache.path()).len() <= MAX_RESIDENT
+        })
+        .await;
+    assert_eq!(info.live_checkpoint_id, "run/step-8");
+    let mut resident: Vec<String> = info
+        .resident
+        .iter()
+        .map(|r| r.info.as_ref().unwrap().checkpoint_id.replace('/', "_"))
+        .collect();
+    resident.sort();
+    assert_eq!(cached_dirs(cache.path()), resident);
+    assert!(resident.contains(&"run_step-8".to_string()));
+}

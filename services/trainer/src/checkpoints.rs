@@ -27,6 +27,8 @@ pub const REASON_STOP: &str = "stop";
 pub const REASON_SHUTDOWN: &str = "shutdown";
 /// Written when `max_steps` ended a run between epochs.
 pub const REASON_FINAL: &str = "final";
+/// Written inside an epoch by `--checkpoint-every-steps` / `--checkpoint-every-secs`.
+pub const REASON_STEP: &str = "step";
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -185,6 +187,34 @@ impl Catalog {
     /// Where a new checkpoint of `run_id` named `name` goes.
     pub fn dir_for(&self, run_id: &str, name: &str) -> PathBuf {
         self.layout.checkpoint_dir(run_id, name)
+    }
+
+    /// Deletes the run's step checkpoints (REASON_STEP) other than `keep`: each is superseded
+    /// by any newer checkpoint, and keeping them would push epoch checkpoints out of
+    /// `keep_last` and fill the volume.
+    pub fn drop_superseded_steps(&self, run_id: &str, keep: &str) -> Vec<String> {
+        let doomed: Vec<Entry> = lock(&self.entries)
+            .values()
+            .filter(|e| {
+                e.info.run_id == run_id
+                    && e.info.reason == REASON_STEP
+                    && e.info.checkpoint_id != keep
+            })
+            .cloned()
+            .collect();
+        let mut removed = Vec::new();
+        for entry in doomed {
+            lock(&self.entries).remove(&entry.info.checkpoint_id);
+            match remove_checkpoint_dir(&entry.dir) {
+                Ok(()) => removed.push(entry.info.checkpoint_id.clone()),
+                Err(e) => tracing::warn!(
+                    checkpoint_id = %entry.info.checkpoint_id,
+                    error = %e,
+                    "cannot remove a superseded step checkpoint"
+                ),
+            }
+        }
+        removed
     }
 
     /// Deletes the run's checkpoints beyond the newest `keep_last`, sparing the best by

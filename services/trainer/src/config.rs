@@ -56,6 +56,17 @@ pub struct Config {
     #[arg(long, env = "SYNOPSIS_MAX_RUN_MEMORY")]
     pub max_run_memory: Option<u64>,
 
+    /// Also write a checkpoint every N optimizer steps inside an epoch (0: only at epoch ends),
+    /// so a preempted or killed trainer loses at most N steps. Only the newest such
+    /// checkpoint of a run is kept; the next epoch checkpoint replaces it.
+    #[arg(long, env = "SYNOPSIS_CHECKPOINT_EVERY_STEPS", default_value_t = 0)]
+    pub checkpoint_every_steps: u64,
+
+    /// Also write a checkpoint when this many seconds have passed since the last one (0: off);
+    /// same retention as --checkpoint-every-steps.
+    #[arg(long, env = "SYNOPSIS_CHECKPOINT_EVERY_SECS", default_value_t = 0)]
+    pub checkpoint_every_secs: u64,
+
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "SYNOPSIS_LOG_JSON")]
     pub log_json: bool,

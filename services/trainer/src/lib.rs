@@ -75,6 +75,10 @@ pub async fn serve(
         .await
         .context("opening the trainer root panicked")?
         .with_context(|| format!("cannot open --root {}", config.root.display()))?
+        .with_checkpoint_every(train::CheckpointEvery {
+            steps: config.checkpoint_every_steps,
+            secs: config.checkpoint_every_secs,
+        })
     };
     let manager = Arc::new(manager);
     if let Some(addr) = config.metrics_listen {

@@ -51,6 +51,8 @@ pub struct Manager {
     draining: AtomicBool,
     /// Age after which an uploaded dataset no run uses is removed; `None` keeps them all.
     dataset_retention: Option<std::time::Duration>,
+    /// Checkpoints inside epochs (`--checkpoint-every-steps` / `--checkpoint-every-secs`).
+    every: crate::train::CheckpointEvery,
 }
 
 /// The limits of the dataset store (`--max-upload-bytes`, `--max-datasets-bytes`,
@@ -99,6 +101,12 @@ fn remove_stale_uploads(dir: &std::path::Path) {
 }
 
 impl Manager {
+    /// Sets how often runs checkpoint inside an epoch (every run started afterwards).
+    pub fn with_checkpoint_every(mut self, every: crate::train::CheckpointEvery) -> Self {
+        self.every = every;
+        self
+    }
+
     /// Opens the trainer's root: removes stale temp files, loads runs (marking the ones a dead
     /// process left RUNNING as FAILED) and verifies checkpoints. Blocking.
     pub fn open(
@@ -143,6 +151,7 @@ impl Manager {
             idle,
             draining: AtomicBool::new(false),
             dataset_retention: uploads.retention,
+            every: crate::train::CheckpointEvery::default(),
         };
         manager.remove_unused_datasets();
         Ok(manager)
@@ -261,6 +270,7 @@ impl Manager {
             run: run.clone(),
             catalog: self.catalog.clone(),
             metrics: self.metrics.clone(),
+            every: self.every,
         };
         let this = self.clone();
         let spawned = std::thread::Builder::new()

@@ -4,6 +4,10 @@
 //! that route to it. Anything the tests cannot interpret is a panic naming the object, so a new
 //! kind of probe or environment source is never silently left unchecked.
 
+#![allow(dead_code)]
+
+pub mod cluster;
+
 use std::collections::BTreeMap;
 use std::process::Command;
 
@@ -80,6 +84,15 @@ impl Rendered {
 pub enum Check {
     Grpc { port: u16, service: String },
     Tcp { port: u16 },
+    Http { port: u16, path: String },
+}
+
+impl Check {
+    pub fn port(&self) -> u16 {
+        match self {
+            Check::Grpc { port, .. } | Check::Tcp { port } | Check::Http { port, .. } => *port,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -213,6 +226,16 @@ impl Workload<'_> {
                     port: self.container_port(&probe["grpc"]["port"]),
                     service: probe["grpc"]["service"].as_str().unwrap_or("").to_owned(),
                 }
+            } else if probe["httpGet"].is_object() {
+                assert!(
+                    probe["httpGet"]["scheme"].as_str().unwrap_or("HTTP") == "HTTP",
+                    "{}: {kind} must be plain HTTP: {probe}",
+                    self.name()
+                );
+                Check::Http {
+                    port: self.container_port(&probe["httpGet"]["port"]),
+                    path: probe["httpGet"]["path"].as_str().unwrap_or("/").to_owned(),
+                }
             } else if probe["tcpSocket"].is_object() {
                 Check::Tcp {
                     port: self.container_port(&probe["tcpSocket"]["port"]),
@@ -303,4 +326,18 @@ pub fn url_host_port(url: &str) -> (String, u16) {
         .parse()
         .unwrap_or_else(|_| panic!("URL with a bad port: {url}"));
     (host.to_owned(), port)
+}
+
+/// The container port a Service's `port` reaches on workload `w`.
+pub fn service_target(w: &Workload, service: &Value, port: u16) -> u16 {
+    let entry = as_array(&service["spec"]["ports"])
+        .iter()
+        .find(|p| port_of(&p["port"]) == port)
+        .unwrap_or_else(|| panic!("Service {} has no port {port}", service["metadata"]["name"]));
+    let target = if entry["targetPort"].is_null() {
+        &entry["port"]
+    } else {
+        &entry["targetPort"]
+    };
+    w.container_port(target)
 }

@@ -2,6 +2,7 @@
 //! shared volume (`--watch-dir`), or a trainer followed over gRPC (`--trainer`). Each hands
 //! directories to the same swap pipeline.
 
+pub mod cache;
 pub mod download;
 pub mod trainer;
 pub mod watch_dir;

@@ -15,6 +15,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
+use super::cache::{Cache, CacheHold};
 use super::download::{self, DownloadError};
 use crate::state::State;
 use crate::swap;
@@ -27,7 +28,8 @@ pub struct TrainerLink {
     pub url: String,
     channel: Channel,
     interceptor: BearerInterceptor,
-    cache_dir: PathBuf,
+    /// Where downloads land; pruned after every swap (see [`Cache`]).
+    pub cache: Arc<Cache>,
 }
 
 impl TrainerLink {
@@ -47,7 +49,7 @@ impl TrainerLink {
             url: url.to_string(),
             channel: endpoint.connect_lazy(),
             interceptor,
-            cache_dir,
+            cache: Cache::new(cache_dir),
         })
     }
 
@@ -56,14 +58,20 @@ impl TrainerLink {
             .max_decoding_message_size(64 << 20)
     }
 
-    /// Downloads a checkpoint (without its optimizer state) into the cache.
-    pub async fn download(&self, checkpoint_id: &str) -> Result<PathBuf, DownloadError> {
+    /// Downloads a checkpoint (without its optimizer state) into the cache. The directory stays
+    /// on disk while the returned hold lives, whatever pruning happens meanwhile.
+    pub async fn download(
+        &self,
+        checkpoint_id: &str,
+    ) -> Result<(PathBuf, CacheHold), DownloadError> {
+        let hold = self.cache.hold(checkpoint_id);
         let request = pb::FetchCheckpointRequest {
             checkpoint_id: checkpoint_id.to_string(),
             skip_optimizer: true,
         };
         let chunks = self.client().fetch_checkpoint(request).await?.into_inner();
-        download::receive(chunks, &self.cache_dir, checkpoint_id).await
+        let dir = download::receive(chunks, self.cache.dir(), checkpoint_id).await?;
+        Ok((dir, hold))
     }
 }
 
@@ -75,8 +83,8 @@ pub async fn fetch_and_install(
     checkpoint_id: &str,
 ) -> Result<pb::CheckpointInfo, swap::SwapError> {
     info!(checkpoint_id, trainer = %link.url, "downloading checkpoint");
-    let dir = match link.download(checkpoint_id).await {
-        Ok(dir) => dir,
+    let (dir, _loading) = match link.download(checkpoint_id).await {
+        Ok(downloaded) => downloaded,
         Err(DownloadError::Trainer(status)) if is_transient(status.code()) => {
             return Err(swap::SwapError::Unreachable(format!(
                 "trainer {} is unreachable: {}",

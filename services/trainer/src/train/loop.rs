@@ -1,6 +1,7 @@
 //! The training loop of one run, on the thread that owns its tensors: packed batches, AdamW
 //! with warm-up and linear decay, clipping, accumulation, autocast on CUDA; validation, samples
-//! and a checkpoint every epoch; a checkpoint and a clean stop when asked.
+//! and a checkpoint every epoch, and inside epochs every N steps or seconds when configured;
+//! a checkpoint and a clean stop when asked.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +15,9 @@ use super::batches::{windows_per_epoch, Batch, Packed};
 use super::schedule::{LinearSchedule, LossScaler};
 use super::snapshot::{self, Parts};
 use super::{step_seed, Plan, Progress};
-use crate::checkpoints::{Catalog, REASON_EPOCH, REASON_FINAL, REASON_SHUTDOWN, REASON_STOP};
+use crate::checkpoints::{
+    Catalog, REASON_EPOCH, REASON_FINAL, REASON_SHUTDOWN, REASON_STEP, REASON_STOP,
+};
 use crate::error::{Result, TrainerError};
 use crate::metrics::Metrics;
 use crate::runs::{Run, StopReason};
@@ -29,6 +32,23 @@ pub struct RunContext {
     pub run: Arc<Run>,
     pub catalog: Arc<Catalog>,
     pub metrics: Metrics,
+    pub every: CheckpointEvery,
+}
+
+/// Checkpoints inside an epoch, so a preemption whose grace period runs out (or a SIGKILL)
+/// loses at most this much training. Zero turns each off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointEvery {
+    pub steps: u64,
+    pub secs: u64,
+}
+
+impl CheckpointEvery {
+    /// Whether a step checkpoint is due at `step`, `since_last` after the previous checkpoint.
+    pub fn due(&self, step: u64, since_last: Duration) -> bool {
+        (self.steps > 0 && step.is_multiple_of(self.steps))
+            || (self.secs > 0 && since_last >= Duration::from_secs(self.secs))
+    }
 }
 
 /// How a run ended (errors are returned separately and become FAILED).
@@ -120,6 +140,7 @@ pub fn run(plan: Plan, ctx: &RunContext) -> Result<Outcome> {
     // When the epoch in progress began here; a run that `max_steps` ends inside an epoch
     // reports that epoch's time from it too.
     let mut started = Instant::now();
+    let mut last_saved = Instant::now();
     'epochs: while progress.epoch < hyper.epochs {
         let epoch = progress.epoch;
         started = Instant::now();
@@ -167,6 +188,21 @@ pub fn run(plan: Plan, ctx: &RunContext) -> Result<Outcome> {
             ctx.metrics.loss.set(loss);
             meter.tokens += tokens;
             let epoch_done = end == micro_per_epoch;
+            // Not at the last step of an epoch or of the run: a checkpoint follows there anyway.
+            if !epoch_done
+                && progress.step < total_steps
+                && ctx.every.due(progress.step, last_saved.elapsed())
+            {
+                progress.scaler = Some(scaler);
+                save(
+                    &progress,
+                    REASON_STEP,
+                    None,
+                    &optimizer,
+                    &mut last_checkpoint,
+                )?;
+                last_saved = Instant::now();
+            }
             if meter.due() || epoch_done || progress.step == total_steps {
                 let tps = meter.take();
                 ctx.metrics.tokens_per_second.set(tps);
@@ -197,6 +233,7 @@ pub fn run(plan: Plan, ctx: &RunContext) -> Result<Outcome> {
             &optimizer,
             &mut last_checkpoint,
         )?;
+        last_saved = Instant::now();
     }
 
     // `max_steps` ended the run inside an epoch: report and keep that state too.

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub use hyper::Hyper;
 pub use plan::{prepare, Env, Plan, ResolvedConfig};
-pub use train_loop::{run, Outcome, RunContext};
+pub use train_loop::{run, CheckpointEvery, Outcome, RunContext};
 
 /// Where a run stands, saved with every checkpoint (in `optimizer.safetensors`) so a resumed
 /// run picks up the schedule, the data order and the epoch's running loss where they were.

@@ -88,6 +88,8 @@ pub fn save(
     });
     ctx.run.emit(train_event::Event::Checkpoint(info.clone()));
     ctx.catalog
+        .drop_superseded_steps(run_id, &info.checkpoint_id);
+    ctx.catalog
         .retain(run_id, parts.config.hyper.keep_last as usize);
     Ok(info)
 }
