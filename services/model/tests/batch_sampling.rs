@@ -22,7 +22,7 @@ fn row(seed: u64) -> Vec<f32> {
     logits[3] = logits[7]; // a tie
     logits[11] = f32::NEG_INFINITY;
     logits[12] = f32::NAN;
-    if seed % 5 == 0 {
+    if seed.is_multiple_of(5) {
         logits[40] = f32::INFINITY;
     }
     logits

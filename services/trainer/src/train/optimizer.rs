@@ -130,7 +130,7 @@ impl AdamW {
         tch::no_grad(|| -> Result<(), tch::TchError> {
             for p in &mut params {
                 let data = p.view_of(&values)?;
-                let _ = data.shallow_clone().f_copy_(&p.value)?;
+                data.shallow_clone().f_copy_(&p.value)?;
                 p.value.set_data(&data);
             }
             Ok(())
