@@ -71,15 +71,19 @@ pub fn sample_rows(
     apply_repetition_penalty(&x32, rows, width, device)?;
     let x = x32.f_to_kind(Kind::Double)?;
 
-    let greedy = greedy_choice(&x)?;
-    let sampled = sampled_choice(&x, rows, width, device)?;
-    let is_greedy = on(Tensor::from_slice(
-        &rows.iter().map(|r| r.uniform.is_none()).collect::<Vec<_>>(),
-    ))
-    .f_view([n, 1])?;
-    let chosen = greedy
-        .f_where_self(&is_greedy, &sampled)?
-        .f_to_device(Device::Cpu)?;
+    // Only the kinds of rows the batch holds are computed: sampling sorts the whole batch,
+    // which a greedy batch does not need.
+    let greedy_rows: Vec<bool> = rows.iter().map(|r| r.uniform.is_none()).collect();
+    let chosen = if greedy_rows.iter().all(|&g| g) {
+        greedy_choice(&x)?
+    } else if !greedy_rows.iter().any(|&g| g) {
+        sampled_choice(&x, rows, width, device)?
+    } else {
+        let is_greedy = on(Tensor::from_slice(&greedy_rows)).f_view([n, 1])?;
+        let sampled = sampled_choice(&x, rows, width, device)?;
+        greedy_choice(&x)?.f_where_self(&is_greedy, &sampled)?
+    }
+    .f_to_device(Device::Cpu)?;
     let values = Vec::<f64>::try_from(&chosen.f_view([-1])?)?;
     Ok(values
         .chunks_exact(2)
@@ -189,15 +193,21 @@ fn sampled_choice(
             .collect(),
     )?;
     let uniform = column(rows.iter().map(|r| r.uniform.unwrap_or(0.0)).collect())?;
-    let filtered = Tensor::from_slice(&filtered)
-        .to_device(device)
-        .f_view([n, 1])?;
 
     // The draw order: most likely first (stable, so ties by id) where a filter cuts the
     // distribution, id order where it does not (the host draws over the whole vocabulary then).
-    let (_, by_likelihood) = x.f_sort_stable(true, 1, true)?;
+    // A batch with no filtered row skips the sort.
     let ids = Tensor::f_arange(width, (Kind::Int64, device))?.f_view([1, width])?;
-    let order = by_likelihood.f_where_self(&filtered, &ids.f_expand([n, width], false)?)?;
+    let in_id_order = ids.f_expand([n, width], false)?;
+    let order = if filtered.iter().any(|&f| f) {
+        let (_, by_likelihood) = x.f_sort_stable(true, 1, true)?;
+        let filtered = Tensor::from_slice(&filtered)
+            .to_device(device)
+            .f_view([n, 1])?;
+        by_likelihood.f_where_self(&filtered, &in_id_order)?
+    } else {
+        in_id_order
+    };
     let ordered = x.f_gather(1, &order, false)?;
     let max = x.f_amax(1, true)?;
     let weights = ordered

@@ -149,7 +149,7 @@ impl Sampler {
         }));
         self.apply_repetition_penalty(previous);
 
-        let Some(uniform) = uniform.filter(|_| !self.params.is_greedy()) else {
+        let Some(uniform) = uniform else {
             let token = argmax(&self.logits);
             let logprob = log_softmax_at(&self.logits, token);
             return Sampled { token, logprob };
